@@ -1,0 +1,135 @@
+"""The forward pass: embed, a scan over blocks (attention then MLP), unembed; and the loss."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import attention_layer
+from .config import ModelConfig
+
+_ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """LayerNorm (centre, scale, shift) or RMSNorm (scale only), computed in f32."""
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _linear(x, w, b=None):
+    y = x @ w
+    return y if b is None else y + b
+
+
+def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Up to d_mlp, a nonlinearity (or SwiGLU's gated product), back down to d_model."""
+    h = _linear(x, p["up"], p.get("up_bias"))
+    if cfg.activation == "swiglu":
+        h = jax.nn.silu(_linear(x, p["gate"], p.get("gate_bias"))) * h
+    else:
+        h = _ACTIVATIONS[cfg.activation](h)
+    return _linear(h, p["down"], p.get("down_bias"))
+
+
+def block(x: jax.Array, layer: dict, cfg: ModelConfig, *, mask=None, return_patterns=False):
+    """Pre-norm block: attention's summed head deltas, then the MLP's, added to the residual."""
+    delta, patterns = attention_layer(layer["attention"], norm(layer["attention_norm"], x, cfg),
+                                      cfg, mask=mask, return_patterns=return_patterns)
+    x = x + delta
+    x = x + mlp(layer["mlp"], norm(layer["mlp_norm"], x, cfg), cfg)
+    return x, patterns
+
+
+def embed(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Context-free token vectors (plus learned position vectors): [..., T] -> [..., T, D]."""
+    x = jnp.take(params["embed"]["token"], tokens, axis=0)
+    if cfg.position == "learned":
+        x = x + params["embed"]["position"][: tokens.shape[-1]]
+    return x.astype(cfg.dtype)
+
+
+def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm, then every position's vector against every token: logits in f32."""
+    x = norm(params["final_norm"], x, cfg)
+    w_DV = params["embed"]["token"].T if cfg.tie_embeddings else params["unembed"]
+    return (x @ w_DV.astype(x.dtype)).astype(jnp.float32)
+
+
+def forward_embeddings(params: dict, x: jax.Array, cfg: ModelConfig, *, mask=None,
+                       return_patterns: bool = False):
+    """From embeddings to logits: the blocks under `lax.scan` (compile time does not grow with
+    depth), then unembed. Shapes follow the path: [T, D] for 'reference', [B, T, D] otherwise."""
+    def step(x, layer):
+        return block(x, _cast(layer, cfg.dtype), cfg, mask=mask, return_patterns=return_patterns)
+
+    x, patterns = jax.lax.scan(step, x, params["blocks"])
+    logits = unembed(params, x, cfg)
+    return (logits, patterns) if return_patterns else logits
+
+
+def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
+    """Host-side checks that need no compilation: rank, length, and (when the values are
+    known, i.e. not under jit) the range of ids."""
+    if jnp.ndim(tokens) != 2:
+        raise ValueError(f"{name} must be [batch, time], got shape {jnp.shape(tokens)}")
+    T = jnp.shape(tokens)[1]
+    if T > cfg.context_length:
+        raise ValueError(f"{name} has {T} positions but ModelConfig.context_length is "
+                         f"{cfg.context_length}: crop the sequence or raise context_length")
+    if not isinstance(tokens, jax.core.Tracer) and np.size(tokens):
+        lo, hi = int(np.min(tokens)), int(np.max(tokens))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"{name} holds id {hi if hi >= cfg.vocab_size else lo}, outside "
+                             f"ModelConfig.vocab_size={cfg.vocab_size}: ids must be in "
+                             f"[0, {cfg.vocab_size})")
+
+
+def forward(params: dict, tokens_BT: jax.Array, cfg: ModelConfig, return_patterns: bool = False):
+    """Logits [B, T, V] for a batch of token ids; with `return_patterns`, also every attention
+    pattern, [B, L, N, T, T]. The 'reference' path is literally the one-sequence pass under
+    `jax.vmap`; the fast paths run the whole batch through wide matmuls."""
+    check_tokens(tokens_BT, cfg)
+
+    def run(tokens):
+        return forward_embeddings(params, embed(params, tokens, cfg), cfg,
+                                  return_patterns=return_patterns)
+
+    if cfg.attention == "reference":
+        return jax.vmap(run)(tokens_BT)  # patterns come out [B, L, N, T, T]
+    if not return_patterns:
+        return run(tokens_BT)
+    logits, patterns_LBNTS = run(tokens_BT)
+    return logits, patterns_LBNTS.swapaxes(0, 1)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=None) -> jax.Array:
+    """Mean negative log-likelihood of the targets (over positions where mask is true)."""
+    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+    if mask_BT is None:
+        return nll_BT.mean()
+    mask_BT = mask_BT.astype(jnp.float32)
+    return (nll_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+
+
+def loss(params: dict, tokens: jax.Array, targets: jax.Array, cfg: ModelConfig,
+         mask: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy in nats."""
+    check_tokens(targets, cfg, "targets")
+    return cross_entropy(forward(params, tokens, cfg), targets, mask)

@@ -1,0 +1,1 @@
+"""Sharding: meshes, logical-axis rules, shardings, multi-host start-up."""

@@ -1,0 +1,205 @@
+"""Attention paths against the reference, heads against their sum, counts, compile size, errors."""
+import dataclasses
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from headwise.model import (ModelConfig, attention_head, attention_layer, causal_mask, count_params,
+                            flops_per_token, forward, heads_view, init_params, loss,
+                            multi_head_attention, output_matrix, param_axes, param_specs)
+from headwise.model.config import GPT3_PUBLISHED_PARAMS, PRESETS
+
+PATHS = ("reference", "fused", "chunked", "dot_product")
+
+
+def _random_layer(cfg, key):
+    """One layer's attention params with every leaf random (biases included)."""
+    layer = jax.tree.map(lambda a: a[0], init_params(cfg, key)["blocks"]["attention"])
+    keys = jax.random.split(key, len(layer))
+    return {name: 0.3 * jax.random.normal(k, a.shape) for k, (name, a) in zip(keys, layer.items())}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", ["causal", "non_causal", "cross"])
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_attention_paths_match_reference(path, kind, position):
+    # T=11 with chunks of 4: several key blocks, the last one padded.
+    cfg = ModelConfig.preset("tiny", attention=path, position=position, attention_chunk=4)
+    ref_cfg = dataclasses.replace(cfg, attention="reference")
+    layer = _random_layer(cfg, jax.random.key(0))
+    x_BTD = jax.random.normal(jax.random.key(1), (2, 11, cfg.d_model))
+    source = jax.random.normal(jax.random.key(2), (2, 7, cfg.d_model)) if kind == "cross" else None
+    kwargs = dict(causal=kind == "causal", return_patterns=False)
+
+    def ref_one(x, src):
+        return attention_layer(layer, x, ref_cfg, source=src, **kwargs)[0]
+
+    expected = jax.vmap(ref_one)(x_BTD, source)
+    if path == "reference":
+        got = jax.vmap(ref_one)(x_BTD, source)
+    else:
+        got = attention_layer(layer, x_BTD, cfg, source=source, **kwargs)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_head_attention_is_the_sum_of_heads():
+    cfg = ModelConfig.preset("tiny")
+    heads = heads_view(_random_layer(cfg, jax.random.key(3)))
+    x_TD = jax.random.normal(jax.random.key(4), (9, cfg.d_model))
+    mask = causal_mask(9)
+    delta, patterns = multi_head_attention(heads, x_TD, mask)
+    per_head = [attention_head(jax.tree.map(lambda a: a[n], heads), x_TD, mask)
+                for n in range(cfg.n_heads)]
+    np.testing.assert_allclose(delta, sum(d for d, _ in per_head), atol=1e-6, rtol=1e-6)
+    for n, (_, pattern) in enumerate(per_head):
+        np.testing.assert_allclose(patterns[n], pattern, atol=1e-6)
+
+
+def test_patterns_sum_to_one_and_masked_entries_are_zero():
+    cfg = ModelConfig.preset("tiny")
+    heads = heads_view(_random_layer(cfg, jax.random.key(5)))
+    x_TD = jax.random.normal(jax.random.key(6), (9, cfg.d_model))
+    _, patterns_NTS = multi_head_attention(heads, x_TD, causal_mask(9))
+    np.testing.assert_allclose(patterns_NTS.sum(-1), 1.0, atol=1e-6)
+    future = ~np.asarray(causal_mask(9))
+    assert np.all(np.asarray(patterns_NTS)[:, future] == 0.0)
+    # Cross-attention: every query may read every key of the other sequence.
+    source = jax.random.normal(jax.random.key(7), (5, cfg.d_model))
+    _, cross_NTS = multi_head_attention(heads, x_TD, None, source)
+    assert cross_NTS.shape == (cfg.n_heads, 9, 5)
+    np.testing.assert_allclose(cross_NTS.sum(-1), 1.0, atol=1e-6)
+
+
+def test_output_matrix_is_value_up_stacked():
+    cfg = ModelConfig.preset("tiny")
+    heads = heads_view(_random_layer(cfg, jax.random.key(8)))
+    w_out = output_matrix(heads)
+    N, H, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    assert w_out.shape == (N * H, D)
+    for n in range(N):
+        np.testing.assert_array_equal(w_out[n * H:(n + 1) * H], heads["value_up"][n])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_paths_agree(path):
+    cfg = ModelConfig.preset("tiny", attention=path, attention_chunk=5)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, cfg.vocab_size)
+    ref = forward(params, tokens, dataclasses.replace(cfg, attention="reference"))
+    np.testing.assert_allclose(forward(params, tokens, cfg), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_param_axes_match_params():
+    cfg = ModelConfig.preset("tiny", bias=True, tie_embeddings=False)
+    shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    axes = param_axes(cfg)
+    flat_shapes, tree = jax.tree.flatten(shapes)
+    flat_axes = tree.flatten_up_to(axes)
+    assert all(len(a) == len(s.shape) for a, s in zip(flat_axes, flat_shapes))
+    assert shapes["blocks"]["attention"]["query"].shape == (2, 24, 3, 8)  # [L, D, N, H]
+    assert shapes["blocks"]["attention"]["value_up"].shape == (2, 3, 8, 24)  # [L, N, H, D]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_count_params_equals_tree_size(name):
+    cfg = ModelConfig.preset(name)
+    shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))  # allocates nothing
+    real = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+    assert count_params(cfg)["total"] == real
+
+
+@pytest.mark.parametrize("variant", [dict(norm="rmsnorm", bias=False, position="rope",
+                                          tie_embeddings=False), dict(activation="swiglu")])
+def test_count_params_equals_tree_size_variants(variant):
+    cfg = ModelConfig.preset("tiny", **variant)
+    shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+    assert count_params(cfg)["total"] == sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("name", list(GPT3_PUBLISHED_PARAMS))
+def test_gpt3_presets_match_the_paper(name):
+    published = GPT3_PUBLISHED_PARAMS[name]
+    assert abs(count_params(ModelConfig.preset(name))["total"] / published - 1) < 0.02
+
+
+def test_gpt2_small_is_124m():
+    # nanoGPT's GPT-2 small: 124,439,808 parameters with tied embeddings.
+    assert count_params(ModelConfig.preset("gpt2-small"))["total"] == 124_439_808
+
+
+def test_flops_per_token_gpt2_small():
+    # nanoGPT's estimate_mfu for gpt2-small at T=1024: 6N + 12*L*N*H*T with N excluding positions.
+    cfg = ModelConfig.preset("gpt2-small")
+    n = 124_439_808 - 1024 * 768
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_params_cli_shows_the_explanation_figures():
+    out = subprocess.run([sys.executable, "-m", "headwise.train.cli", "params", "--preset",
+                          "gpt3-175b"], capture_output=True, text=True, check=True).stdout
+    for figure in ("4 × 12,288 × 128 = 6,291,456", "603,979,776", "(about 58 B)",
+                   "50,257 × 12,288 = 617,558,016", "(about 175 B)"):
+        assert figure in out, figure
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    def hlo_size(n_layers):
+        cfg = ModelConfig.preset("tiny", n_layers=n_layers, attention="fused")
+        params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+        tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+        grad = jax.jit(jax.grad(loss), static_argnums=3)
+        return len(grad.lower(params, tokens, tokens, cfg).as_text())
+
+    assert hlo_size(12) <= 1.2 * hlo_size(2)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "context_length", "d_model", "n_heads",
+                                   "d_head", "n_layers", "d_mlp"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_non_positive_sizes_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+    with pytest.raises(ValueError, match=field):  # replace() re-validates too
+        dataclasses.replace(ModelConfig.preset("tiny"), **{field: value})
+
+
+def test_unknown_preset_and_path_raise():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
+        ModelConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="attention"):
+        ModelConfig.preset("tiny", attention="flash")
+    with pytest.raises(ValueError, match="norm"):
+        ModelConfig(norm="batchnorm")
+
+
+def test_config_is_hashable_and_frozen():
+    cfg = ModelConfig.preset("tiny")
+    assert hash(cfg) == hash(ModelConfig.preset("tiny"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 3
+    with pytest.raises(TypeError):
+        ModelConfig(256)  # keyword-only
+
+
+def test_bad_tokens_raise():
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="vocab_size"):
+        forward(params, jnp.full((1, 4), cfg.vocab_size), cfg)
+    with pytest.raises(ValueError, match="context_length"):
+        forward(params, jnp.zeros((1, cfg.context_length + 1), jnp.int32), cfg)
+    with pytest.raises(ValueError, match="targets.*vocab_size"):
+        loss(params, jnp.zeros((1, 4), jnp.int32), jnp.full((1, 4), 99), cfg)
+
+
+def test_specs_are_the_single_source():
+    cfg = ModelConfig.preset("tiny")
+    specs = param_specs(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.tree.map(lambda s: 0, specs, is_leaf=lambda x: hasattr(x, "init")))

@@ -1,0 +1,1 @@
+"""Training: data, optimizer, steps, checkpoints, the loop and the command line."""
