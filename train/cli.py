@@ -1,6 +1,9 @@
 """The `headwise` command line: one sub-command per job."""
 import argparse
+import datetime
+import pathlib
 import sys
+import time
 
 
 def _params(args) -> None:
@@ -9,14 +12,80 @@ def _params(args) -> None:
     print(params_table(ModelConfig.preset(args.preset), args.preset))
 
 
+def _default_run_dir(config: str | None) -> pathlib.Path:
+    name = pathlib.Path(config).stem if config else "default"
+    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .loop import sample_text, train
+    cfg = load_config(args.config, [pair for group in args.set for pair in group])
+    run_dir = pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
+    print(f"run dir: {run_dir}  (run again with --run-dir {run_dir} to resume)")
+    started = time.perf_counter()
+    result = train(cfg, run_dir)
+    minutes = (time.perf_counter() - started) / 60
+    if cfg.train.sample_tokens and result["data"].tokenizer is not None:
+        text = sample_text(result["params"], cfg, result["data"], "\n", cfg.train.sample_tokens,
+                           temperature=0.8, top_k=40)
+        print(f"\n--- sample ---\n{text}\n--------------")
+    print(f"validation loss {result['eval_loss']:.4f} nats/token after {result['step']} steps; "
+          f"unigram baseline {result['unigram_loss']:.4f}; {minutes:.1f} min; run dir {run_dir}")
+
+
+def _sample(args) -> None:
+    import jax
+    from headwise.model.sampling import generate_uncached
+    from .checkpoint import load_model
+    from .data import tokenizer_from_json
+    params, cfg = load_model(args.run_dir)
+    tok_path = pathlib.Path(args.run_dir) / "tokenizer.json"
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"{tok_path} is missing: this run's data had no tokenizer to decode with")
+    tokenizer = tokenizer_from_json(tok_path.read_text())
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt is empty: give the model at least one character to continue")
+    print(args.prompt, end="", flush=True)
+    new, shown = [], ""
+    for token in generate_uncached(params, cfg, prompt, args.max_new_tokens, jax.random.key(args.seed),
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(new)[len(shown):])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from headwise.model import PRESETS
     parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
     params = commands.add_parser("params", help="where a model's parameters are")
     params.add_argument("--preset", default="gpt3-175b", choices=list(PRESETS),
                         metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
     params.set_defaults(run=_params)
+
+    train = commands.add_parser("train", help="train a model (default: a small byte-level GPT "
+                                "on the Python standard library's sources, on the CPU)")
+    train.add_argument("--config", help="a TOML file, or the name of one in configs/")
+    train.add_argument("--set", nargs="+", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override config values, e.g. --set train.steps=100 optim.lr=1e-3")
+    train.add_argument("--run-dir", help="where logs and checkpoints go; an existing run resumes")
+    train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="generate text from a trained run")
+    sample.add_argument("--run-dir", required=True)
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--max-new-tokens", type=int, default=200)
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sample.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(run=_sample)
     return parser
 
 
@@ -25,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"headwise {args.command}: {error}", file=sys.stderr)
+        print(f"headwise {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

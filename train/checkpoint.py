@@ -1,0 +1,173 @@
+"""Checkpoints through orbax: async, atomic, the newest N kept, restored onto any shardings."""
+import functools
+import json
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from headwise.model import ModelConfig, init_params
+
+SUBDIR = "checkpoints"
+_FIX = "use a fresh --run-dir, or the model and optimizer config of the run that wrote it"
+
+
+def _registry() -> ocp.handlers.CheckpointHandlerRegistry:
+    """`state` is a standard pytree (plus a partial reader for params alone); `config` is JSON."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    standard = ocp.StandardCheckpointHandler()
+    registry.add("state", ocp.args.StandardSave, standard)
+    registry.add("state", ocp.args.StandardRestore, standard)
+    registry.add("state", ocp.args.PyTreeRestore)
+    registry.add("config", ocp.args.JsonSave)
+    registry.add("config", ocp.args.JsonRestore)
+    return registry
+
+
+def open_manager(run_dir, *, keep: int = 3, save_every: int = 1,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+    """A manager for `run_dir/checkpoints`. Close it (or use `with`) so pending saves land."""
+    for name, value in (("keep", keep), ("save_every", save_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"checkpoint {name} must be a positive integer, got {value!r}")
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every,
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)  # half-written saves of a crashed run
+    return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / SUBDIR, options=options,
+                                 handler_registry=_registry())
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict, config: dict, *,
+         force: bool = False) -> bool:
+    """Start saving `state` and `config` at `step` if due (or `force`); True if it started.
+
+    Returns once the arrays are copied to host, so the caller may donate them right away.
+    A step already saved is skipped (False): e.g. a final forced save after a periodic one.
+    """
+    try:  # here, not in the background thread where the error would surface late
+        json.dumps(config)
+    except TypeError as error:
+        raise ValueError(f"checkpoint config must be JSON-able: {error}") from None
+    if int(step) in manager.all_steps():
+        return False
+    key = state["key"]
+    stored = {**state, "key": jax.random.key_data(key) if _is_key(key) else key}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(stored),
+                              config=ocp.args.JsonSave(config))
+    return manager.save(int(step), args=args, force=force)
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+    """The newest finished checkpoint's step, or None. Waits for a save in flight."""
+    manager.wait_until_finished()
+    return manager.latest_step()
+
+
+def _single_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and sharding of `x` (an array or ShapeDtypeStruct); one device if unsharded."""
+    sharding = getattr(x, "sharding", None) or _single_device()
+    if _is_key(x):  # stored as its uint32 data; a key's sharding also fits that data
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _describe(leaf) -> str:
+    return f"{tuple(leaf.shape)} {jax.numpy.dtype(leaf.dtype).name}"
+
+
+def _differences(stored: dict, wanted: dict, partial: bool) -> list[str]:
+    lines = [f"{'/'.join(k)}: not in the checkpoint" for k in wanted if k not in stored]
+    if not partial:
+        lines += [f"{'/'.join(k)}: in the checkpoint, not in the target"
+                  for k in stored if k not in wanted]
+    lines += [f"{'/'.join(k)}: checkpoint has {_describe(stored[k])}, target wants "
+              f"{_describe(leaf)}" for k, leaf in wanted.items()
+              if k in stored and _describe(stored[k]) != _describe(leaf)]
+    return lines
+
+
+def _check_compatible(manager, step: int, target: dict, *, partial: bool = False):
+    """Compare `target` with the checkpoint's metadata (no array is read); ValueError if off."""
+    stored = ocp.tree.to_flat_dict(manager.item_metadata(step)["state"].tree)
+    wanted = ocp.tree.to_flat_dict(target)
+    # Params first: the optimizer state only mirrors them.
+    wanted = dict(sorted(wanted.items(), key=lambda item: item[0][0] != "params"))
+    lines = _differences(stored, wanted, partial)
+    if lines:
+        more = [f"... and {len(lines) - 8} more"] if len(lines) > 8 else []
+        shown = "\n  ".join(lines[:8] + more)
+        raise ValueError(f"checkpoint {manager.directory / str(step)} does not fit the state "
+                         f"asked for (a different model or optimizer config?):\n  {shown}\n"
+                         f"Fix: {_FIX}.")
+
+
+def _resolve_step(manager, step: int | None) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {manager.directory}; train first with "
+                                f"`headwise train --run-dir ...`")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no step {step} in {manager.directory}; it has {steps}")
+    return steps[-1] if step is None else step
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: dict,
+            step: int | None = None) -> tuple[dict, dict]:
+    """(state, config) of `step` (default newest), laid out as `abstract_state` says.
+
+    `abstract_state` leaves are arrays or `jax.ShapeDtypeStruct`s; each restored array takes
+    that leaf's sharding (any mesh, not necessarily the saving one), or one device if it has none.
+    """
+    manager.wait_until_finished()
+    step = _resolve_step(manager, step)
+    target = jax.tree.map(_abstract, abstract_state)
+    _check_compatible(manager, step, target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+    state, key = dict(restored["state"]), abstract_state["key"]
+    if _is_key(key):
+        state["key"] = jax.random.wrap_key_data(state["key"], dtype=key.dtype)
+    return state, restored["config"]
+
+
+def _model_config(config: dict, where) -> ModelConfig:
+    fields = config.get("model")
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: the stored run config has no `model` section; "
+                         f"was it written by `headwise train`?")
+    try:
+        return ModelConfig(**fields)
+    except TypeError as error:  # an unknown field, e.g. from another headwise version
+        raise ValueError(f"{where}: stored model config does not fit ModelConfig: {error}"
+                         ) from None
+
+
+def load_model(run_dir) -> tuple[dict, ModelConfig]:
+    """(params, ModelConfig) from a run's newest checkpoint, on one device; the rest unread."""
+    directory = pathlib.Path(run_dir).absolute() / SUBDIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints at {directory}; train first with "
+                                f"`headwise train --run-dir {run_dir}`")
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, options=options, handler_registry=_registry()) as manager:
+        step = _resolve_step(manager, None)
+        config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        cfg = _model_config(config["config"], directory / str(step))
+        shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
+        target = {"params": jax.tree.map(_abstract, shapes)}
+        _check_compatible(manager, step, target, partial=True)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=restore_args, partial_restore=True)))
+    return restored["state"]["params"], cfg

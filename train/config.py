@@ -1,0 +1,180 @@
+"""Run configs: TOML sections into typed, frozen dataclasses, with checked `--set` overrides."""
+import dataclasses
+import pathlib
+import tomllib
+import typing
+
+import tomli_w
+
+from headwise.model import ModelConfig
+
+from .data import DataConfig
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def _check_positive(section: str, obj, names: tuple[str, ...], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"{section}.{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr, and global-norm clipping."""
+
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.1  # matrices only, never norms or biases
+    grad_clip: float = 1.0  # 0 turns clipping off
+
+    def __post_init__(self):
+        _check_positive("optim", self, ("lr",))
+        _check_positive("optim", self, ("min_lr", "warmup_steps", "weight_decay", "grad_clip"), True)
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How long, how big, and how often to log, evaluate and save."""
+
+    steps: int = 800
+    batch_size: int = 16  # global sequences per step, all micro-batches together
+    grad_accum: int = 1  # micro-batches per step
+    eval_every: int = 200
+    eval_steps: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 400
+    keep_checkpoints: int = 2
+    seed: int = 0
+    peak_flops: float = 0.0  # per device, for MFU; 0 = a guess from the device kind
+    sample_tokens: int = 200  # printed at the end of a run
+
+    def __post_init__(self):
+        _check_positive("train", self, ("steps", "batch_size", "grad_accum", "eval_every",
+                                        "log_every", "checkpoint_every", "keep_checkpoints"))
+        _check_positive("train", self, ("eval_steps", "seed", "peak_flops", "sample_tokens"), True)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
+                             f"train.grad_accum={self.grad_accum}: each micro-batch must be whole")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh axes (data, fsdp, tensor) and the sharding strategy."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    strategy: str = "dp"
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                raise ValueError(f"mesh.{name} must be positive or -1 (the remaining devices), "
+                                 f"got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig.preset("byte-cpu")
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _field_types(cls) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(section: str, key: str, value, expected: type):
+    """TOML's value, checked against the field's type (an int is a fine float)."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not expected:
+        raise ValueError(f"{section}.{key} must be {expected.__name__}, got {value!r} "
+                         f"({type(value).__name__})")
+    return value
+
+
+def _build_section(section: str, values: dict):
+    """One section's dataclass from a dict; the model section may name a `preset`."""
+    cls = SECTIONS[section]
+    values = dict(values)
+    base = getattr(RunConfig(), section)
+    if section == "model" and "preset" in values:
+        base = ModelConfig.preset(_coerce("model", "preset", values.pop("preset"), str))
+    types_ = _field_types(cls)
+    for key, value in values.items():
+        if key not in types_:
+            allowed = ", ".join(types_) + (", preset" if section == "model" else "")
+            raise ValueError(f"unknown key {section}.{key}; [{section}] takes: {allowed}")
+        values[key] = _coerce(section, key, value, types_[key])
+    return dataclasses.replace(base, **values)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, value). Values are TOML ('3', '1e-3', 'true',
+    '"x"'); anything that is not valid TOML is taken as a bare string (data.path=my.txt)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ValueError(f"--set expects section.key=value, got {text!r}")
+    if section not in SECTIONS:
+        raise ValueError(f"unknown section {section!r} in --set {text!r}; sections: {', '.join(SECTIONS)}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def find_config(name_or_path: str) -> pathlib.Path:
+    """A path to a TOML file, or the name of one in configs/ (`shakespeare_char`)."""
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))) or "none found"
+    raise FileNotFoundError(f"--config {name_or_path!r} is neither a file nor a config in "
+                            f"{CONFIG_DIR} (known: {known})")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the TOML file (if any), then each `section.key=value` override in order."""
+    raw: dict[str, dict] = {}
+    if name_or_path:
+        with open(find_config(name_or_path), "rb") as f:
+            raw = tomllib.load(f)
+    for section in raw:
+        if section not in SECTIONS:
+            raise ValueError(f"unknown section [{section}] in {name_or_path}; sections: {', '.join(SECTIONS)}")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return RunConfig(**{s: _build_section(s, raw.get(s, {})) for s in SECTIONS})
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Every field, resolved (a preset becomes its fields): what config.toml and checkpoints hold."""
+    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+
+
+def from_dict(raw: dict) -> RunConfig:
+    return RunConfig(**{s: _build_section(s, raw.get(s, {})) for s in SECTIONS})
+
+
+def write_config(cfg: RunConfig, path: pathlib.Path) -> None:
+    path.write_text(tomli_w.dumps(to_dict(cfg)))

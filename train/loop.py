@@ -1,0 +1,169 @@
+"""The training loop: data, state (fresh or resumed), steps, evals, logs, checkpoints, a sample."""
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from headwise.model import flops_per_token, init_params, param_axes
+from headwise.model.sampling import generate_uncached
+
+from . import checkpoint
+from .config import RunConfig, to_dict, write_config
+from .data import Dataset, check_fits, eval_batches, get_batch, load_dataset
+from .optim import learning_rate, make_optimizer
+from .step import init_state, make_eval_step, make_train_step
+
+# Dense bf16 peak FLOP/s per chip, for MFU when train.peak_flops is 0.
+_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5e": 197e12, "v4": 275e12,
+               "v5p": 459e12, "cpu": 1e11}
+
+
+def peak_flops(cfg: RunConfig) -> float:
+    """Per-device peak FLOP/s: the configured one, else a table lookup by device kind."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in _PEAK_FLOPS.items() if k in kind), _PEAK_FLOPS["cpu"])
+
+
+def unigram_loss(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the token frequencies: what a model that ignores context gets."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _to_device(inputs_BT, targets_BT) -> dict:
+    return {"inputs": jnp.asarray(inputs_BT), "targets": jnp.asarray(targets_BT)}
+
+
+def evaluate(eval_step, params, data: Dataset, cfg: RunConfig) -> float:
+    """Mean loss over the same `eval_steps` validation batches every time."""
+    losses = [eval_step(params, _to_device(*b)) for b in eval_batches(
+        data.val, seed=cfg.train.seed + 1, num_batches=cfg.train.eval_steps,
+        batch_size=cfg.train.batch_size, context_length=cfg.model.context_length)]
+    return float(np.mean(jax.device_get(losses)))
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per row) and loss.png, in the run dir. Rows past the step a run
+    resumes from (written after its last checkpoint) are dropped, so the log matches the state."""
+
+    def __init__(self, run_dir: pathlib.Path, start_step: int):
+        self.path, self.plot = run_dir / "metrics.jsonl", run_dir / "loss.png"
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        self.rows = [r for r in map(json.loads, lines) if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def draw(self) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
+        for points, label in ((train, "train"), (evals, "validation")):
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title="headwise training")
+        ax.legend()
+        fig.savefig(self.plot, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+def _fresh_state(cfg: RunConfig, optimizer):
+    key, init_key = jax.random.split(jax.random.key(cfg.train.seed))
+    return init_state(init_params(cfg.model, init_key), optimizer, key)
+
+
+def prepare(cfg: RunConfig, run_dir: pathlib.Path):
+    """Everything before the first step, each mistake caught before anything compiles."""
+    data = load_dataset(cfg.data, vocab_size=cfg.model.vocab_size)
+    if data.tokenizer is not None and data.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size is {cfg.model.vocab_size}: set "
+                         f"--set model.vocab_size={data.tokenizer.vocab_size}")
+    check_fits(data, cfg.model.context_length)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, run_dir / "config.toml")
+    if data.tokenizer is not None:
+        (run_dir / "tokenizer.json").write_text(data.tokenizer.to_json())
+    return data
+
+
+def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
+    the data. `stop_at` ends early with a checkpoint, as a pre-empted job would."""
+    run_dir = pathlib.Path(run_dir).absolute()
+    data = prepare(cfg, run_dir)
+    say = tqdm.write if progress else (lambda s: None)
+    say(f"data: {data.description}; corpus hash {data.corpus_hash}")
+    t, steps = cfg.train, cfg.train.steps
+    optimizer = make_optimizer(cfg.optim, steps, param_axes(cfg.model))
+    train_step = make_train_step(cfg.model, optimizer, learning_rate(cfg.optim, steps), t.grad_accum)
+    eval_step = make_eval_step(cfg.model)
+    manager = checkpoint.open_manager(run_dir, keep=t.keep_checkpoints)
+    state = _fresh_state(cfg, optimizer)
+    if checkpoint.latest_step(manager) is not None:
+        state, _ = checkpoint.restore(manager, jax.eval_shape(lambda: state))
+        say(f"resumed from step {int(state['step'])} in {run_dir}")
+    start = int(state["step"])
+    log = MetricsLog(run_dir, start)
+    tokens_per_step = t.batch_size * cfg.model.context_length
+    flops = flops_per_token(cfg.model) * tokens_per_step / (peak_flops(cfg) * jax.device_count())
+    baseline = unigram_loss(data.train, data.vocab_size)
+    summary = {"unigram_loss": baseline, "start_step": start}
+    last = steps if stop_at is None else min(stop_at, steps)
+    bar = tqdm(range(start, last), initial=start, total=steps, disable=not progress,
+               desc="train", unit="step", dynamic_ncols=True)
+    clock, clock_step = time.perf_counter(), start
+    for step in bar:
+        batch = _to_device(*get_batch(data.train, seed=t.seed, step=step, batch_size=t.batch_size,
+                                      context_length=cfg.model.context_length))
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if step == start:  # leave compilation out of tokens/s
+            jax.block_until_ready(metrics)
+            clock, clock_step = time.perf_counter(), done
+        if done % t.log_every == 0 or done == steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - clock
+            metrics["tokens_per_s"] = tokens_per_step * (done - clock_step) / seconds
+            metrics["mfu"] = flops * (done - clock_step) / seconds
+            clock, clock_step = time.perf_counter(), done
+            log.write({"step": done, **metrics})
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+        if done % t.eval_every == 0 or done == steps:
+            summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg)
+            log.write({"step": done, "eval_loss": summary["eval_loss"]})
+            log.draw()
+            say(f"step {done}: validation loss {summary['eval_loss']:.4f} "
+                f"(unigram baseline {baseline:.4f})")
+            clock = time.perf_counter()  # do not charge evaluation to tokens/s
+        if done % t.checkpoint_every == 0 or done == last:
+            checkpoint.save(manager, done, state, to_dict(cfg))
+    bar.close()
+    if "eval_loss" not in summary:  # the run had already finished
+        summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg)
+    manager.wait_until_finished()
+    manager.close()
+    summary.update(step=int(state["step"]), params=state["params"], data=data)
+    return summary
+
+
+def sample_text(params, cfg: RunConfig, data: Dataset, prompt: str, n_tokens: int, seed: int = 0,
+                **sampling) -> str:
+    """Decode a sample from the model, prompt included."""
+    ids = data.tokenizer.encode(prompt)
+    new = list(generate_uncached(params, cfg.model, ids, n_tokens, jax.random.key(seed), **sampling))
+    return data.tokenizer.decode(ids + new)

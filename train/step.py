@@ -1,0 +1,63 @@
+"""The jitted train and eval steps: pure functions of (state, batch)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from headwise.model import ModelConfig, loss
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, key: jax.Array) -> dict:
+    """Everything a run needs to continue exactly: params, optimizer state, step and PRNG key."""
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32), "key": key}
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    """[B, T] -> [k, B/k, T]: k micro-batches to accumulate over."""
+    return jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
+
+
+def loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, grad_accum: int = 1):
+    """Mean loss and gradients over `grad_accum` micro-batches, summed in a scan so only one
+    micro-batch's activations are alive at a time."""
+    grad_fn = jax.value_and_grad(loss)
+    if grad_accum == 1:
+        return grad_fn(params, batch["inputs"], batch["targets"], cfg)
+
+    def accumulate(carry, micro):
+        value, grads = grad_fn(params, micro["inputs"], micro["targets"], cfg)
+        return jax.tree.map(jnp.add, carry, (value, grads)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (total, grads), _ = jax.lax.scan(accumulate, zero, _micro_batches(batch, grad_accum))
+    return total / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def train_step(state: dict, batch: dict, *, cfg: ModelConfig, optimizer, schedule,
+               grad_accum: int = 1):
+    """One optimizer update: (new state, metrics)."""
+    value, grads = loss_and_grads(state["params"], batch, cfg, grad_accum)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new_state = dict(state, params=optax.apply_updates(state["params"], updates),
+                     opt_state=opt_state, step=state["step"] + 1)
+    metrics = {"loss": value, "grad_norm": global_norm(grads), "lr": schedule(state["step"])}
+    return new_state, metrics
+
+
+def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1, **jit_kwargs):
+    """`train_step` jitted with the state donated (its buffers are reused for the new state)."""
+    step = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
+                             grad_accum=grad_accum)
+    return jax.jit(step, donate_argnums=0, **jit_kwargs)
+
+
+def make_eval_step(cfg: ModelConfig, **jit_kwargs):
+    """Mean next-token loss of a batch, jitted."""
+    return jax.jit(lambda params, batch: loss(params, batch["inputs"], batch["targets"], cfg),
+                   **jit_kwargs)
