@@ -25,7 +25,7 @@ class ModelConfig:
     norm: str = "layernorm"
     position: str = "learned"
     tie_embeddings: bool = True
-    bias: bool = True
+    bias: bool = True  # every bias: projections, MLP and LayerNorm
     activation: str = "gelu_tanh"
     attention: str = "dot_product"  # on CPU as fast as any; cuDNN flash attention on GPU
     dtype: str = "float32"  # what the matmuls compute in

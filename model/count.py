@@ -6,7 +6,7 @@ def count_params(cfg: ModelConfig) -> dict:
     """Parameter counts by component. `per_block` holds one block's; `blocks` all L of them."""
     V, C, D, N, H, L, F = (cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.n_heads,
                            cfg.d_head, cfg.n_layers, cfg.d_mlp)
-    norm = D * (2 if cfg.norm == "layernorm" else 1)
+    norm = D * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
     block = {
         "query": N * D * H,

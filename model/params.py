@@ -39,7 +39,7 @@ def _norm_specs(cfg: ModelConfig, prefix: tuple) -> dict:
     axes = tuple(["layers"] * len(prefix)) + ("embed",)
     shape = prefix + (cfg.d_model,)
     specs = {"scale": ParamSpec(shape, axes, ones)}
-    if cfg.norm == "layernorm":
+    if cfg.norm == "layernorm" and cfg.bias:  # bias=False drops every bias, as in nanoGPT
         specs["bias"] = ParamSpec(shape, axes, zeros)
     return specs
 
@@ -81,7 +81,7 @@ def param_specs(cfg: ModelConfig) -> dict:
     V, C, D, L = cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.n_layers
     specs = {"embed": {"token": ParamSpec((V, D), ("vocab", "embed"), normal(0.02))}}
     if cfg.position == "learned":
-        specs["embed"]["position"] = ParamSpec((C, D), (None, "embed"), normal(0.01))
+        specs["embed"]["position"] = ParamSpec((C, D), (None, "embed"), normal(0.02))
     specs["blocks"] = {
         "attention_norm": _norm_specs(cfg, (L,)),
         "attention": _attention_specs(cfg),

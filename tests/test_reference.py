@@ -27,7 +27,9 @@ def np_rmsnorm(x, scale, eps):
 
 def np_norm(p, x, cfg):
     if cfg.norm == "layernorm":
-        return np_layernorm(x, p["scale"], p["bias"], cfg.norm_eps)
+        # bias=False drops LayerNorm's bias too (nanoGPT's convention).
+        assert ("bias" in p) == cfg.bias
+        return np_layernorm(x, p["scale"], p.get("bias", 0.0), cfg.norm_eps)
     assert set(p) == {"scale"}, "RMSNorm has a scale and nothing else"
     return np_rmsnorm(x, p["scale"], cfg.norm_eps)
 
