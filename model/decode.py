@@ -1,4 +1,5 @@
 """Generation with a KV cache: prefill the prompts, then one jitted step per new token."""
+import dataclasses
 import functools
 from typing import Iterator
 
@@ -109,42 +110,46 @@ def prefill(params: dict, tokens_BP: jax.Array, lengths_B: jax.Array, cfg: Model
     return unembed(params, last_BD, cfg), cache
 
 
+def decode_config(cfg: ModelConfig) -> ModelConfig:
+    """The config decoding runs under: every path decodes with the 'fused' einsums. One query
+    against the cache makes a [B, N, 1, S] pattern, too small for chunking or flash attention
+    to pay; and one compiled step then serves every path."""
+    return dataclasses.replace(cfg, attention="fused", attention_chunk=ModelConfig.attention_chunk)
+
+
 def decode_step(params: dict, cache: dict, tokens_B: jax.Array, positions_B: jax.Array,
                 cfg: ModelConfig):
-    """One new token per row at its own position -> (logits_BV, cache)."""
-    x_B1D, cache = extend(params, cache, tokens_B[:, None], positions_B, cfg)
+    """One new token per row at its own position -> (logits_BV, cache), attending by the
+    'fused' path whatever `cfg.attention` says (see `decode_config`)."""
+    x_B1D, cache = extend(params, cache, tokens_B[:, None], positions_B, decode_config(cfg))
     return unembed(params, x_B1D[:, 0], cfg), cache
 
 
-def _choose(logits_BV, key, step, done_B, sampling, stop_token):
-    """Sample, blank (-1) rows already done, and mark rows that just produced the stop token."""
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _choose(logits_BV, key, step, done_B, stop_token, *, sampling):
+    """Sample, blank (-1) rows already done, and mark rows that just produced the stop token
+    (-1: none). Jitted apart from the model, so a new sampling setting compiles only this."""
     token_B = sample_token(logits_BV, jax.random.fold_in(key, step), *sampling).astype(jnp.int32)
-    emitted_B = jnp.where(done_B, -1, token_B)
-    return emitted_B, done_B | (token_B == stop_token)  # stop_token -1: none
+    return jnp.where(done_B, -1, token_B), done_B | (token_B == stop_token)
 
 
-_STATIC = ("cfg", "sampling")
+_first = jax.jit(prefill, static_argnames=("cfg",))
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _first(params, tokens_BP, lengths_B, key, stop_token, *, cfg, sampling):
-    logits_BV, cache = prefill(params, tokens_BP, lengths_B, cfg)
-    done_B = jnp.zeros(tokens_BP.shape[0], bool)
-    return (*_choose(logits_BV, key, 0, done_B, sampling, stop_token), logits_BV, cache)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def _next(params, cache, tokens_B, positions_B, done_B, key, step, stop_token, *, cfg, sampling):
-    """The decode step: shapes never change during a generation, so this compiles once."""
-    logits_BV, cache = decode_step(params, cache, jnp.maximum(tokens_B, 0), positions_B, cfg)
-    return (*_choose(logits_BV, key, step, done_B, sampling, stop_token), logits_BV, cache)
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _next(params, cache, tokens_B, positions_B, cfg):
+    """The decode step: shapes never change during a generation, so this compiles once (per
+    batch size and `decode_config`).
+    Rows that are done feed -1; any id will do, their output is discarded."""
+    return decode_step(params, cache, jnp.maximum(tokens_B, 0), positions_B, cfg)
 
 
 def _check(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p, stop_token):
     """Every error a caller can cause, raised before anything compiles."""
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     C, V = cfg.context_length, cfg.vocab_size
     for i, prompt in enumerate(prompts):
@@ -187,23 +192,24 @@ def steps(params: dict, cfg: ModelConfig, prompts: list[list[int]], max_new_toke
     emitted `stop_token` (which is itself yielded), and the logits it was sampled from.
     Ends early when every row has stopped."""
     _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_token)  # now, not lazily
-    static = dict(cfg=cfg, sampling=(float(temperature), int(top_k), float(top_p)))
+    sampling = (float(temperature), int(top_k), float(top_p))
     key = jax.random.key(0) if key is None else key
     stop = jnp.int32(-1 if stop_token is None else stop_token)  # traced: no compile per stop id
-    return _run(params, *_pad(prompts, cfg), max_new_tokens, key, stop, static)
+    return _run(params, cfg, *_pad(prompts, cfg), max_new_tokens, key, stop, sampling)
 
 
-def _run(params, tokens_BP, lengths_B, max_new_tokens, key, stop, static):
+def _run(params, cfg, tokens_BP, lengths_B, max_new_tokens, key, stop, sampling):
     if max_new_tokens == 0:
         return
-    token_B, done_B, logits_BV, cache = _first(params, tokens_BP, lengths_B, key, stop, **static)
-    yield np.asarray(token_B), logits_BV
-    for step in range(1, max_new_tokens):
-        if bool(done_B.all()):
-            return
-        token_B, done_B, logits_BV, cache = _next(params, cache, token_B, lengths_B + step - 1,
-                                                  done_B, key, jnp.int32(step), stop,
-                                                  **static)
+    logits_BV, cache = _first(params, tokens_BP, lengths_B, cfg=cfg)
+    done_B = jnp.zeros(len(lengths_B), bool)
+    for step in range(max_new_tokens):
+        if step:
+            if bool(done_B.all()):
+                return
+            logits_BV, cache = _next(params, cache, token_B, lengths_B + step - 1,
+                                     cfg=decode_config(cfg))  # one compile for all paths
+        token_B, done_B = _choose(logits_BV, key, step, done_B, stop, sampling=sampling)
         yield np.asarray(token_B), logits_BV
 
 
@@ -224,3 +230,33 @@ def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], max_new_t
             if token >= 0:
                 row.append(token)
     return new
+
+
+def generate_stream_sliding(params: dict, cfg: ModelConfig, prompt: list[int],
+                            max_new_tokens: int, *, key: jax.Array | None = None,
+                            **sampling) -> Iterator[int]:
+    """One prompt, any number of new tokens: when the cache is full, prefill again from the
+    newest half of the context and go on (the model then sees at least context_length / 2
+    tokens). Prompts longer than the context are cropped to their last context_length tokens."""
+    C = cfg.context_length
+    tokens = list(prompt)[-C:]
+    _check(cfg, [tokens], min(max_new_tokens, 1), sampling.get("temperature", 1.0),
+           sampling.get("top_k", 0), sampling.get("top_p", 1.0), sampling.get("stop_token"))
+    key = jax.random.key(0) if key is None else key
+    return _slide(params, cfg, tokens, max_new_tokens, key, sampling)
+
+
+def _slide(params, cfg, tokens, max_new_tokens, key, sampling):
+    window, left, round_ = list(tokens), max_new_tokens, 0
+    while left > 0:
+        n = min(left, cfg.context_length + 1 - len(window))
+        for token_B in generate_stream(params, cfg, [window], n,
+                                       key=jax.random.fold_in(key, round_), **sampling):
+            if token_B[0] < 0:
+                return
+            tokens.append(int(token_B[0]))
+            yield int(token_B[0])
+            if token_B[0] == sampling.get("stop_token"):
+                return
+        left, round_ = left - n, round_ + 1
+        window = tokens[-max(1, cfg.context_length // 2):]

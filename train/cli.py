@@ -30,33 +30,52 @@ def _train(args) -> None:
         text = sample_text(result["params"], cfg, result["data"], "\n", cfg.train.sample_tokens,
                            temperature=0.8, top_k=40)
         print(f"\n--- sample ---\n{text}\n--------------")
+    if "initial_eval_loss" in result:
+        print(f"validation loss before training: {result['initial_eval_loss']:.4f} nats/token")
     print(f"validation loss {result['eval_loss']:.4f} nats/token after {result['step']} steps; "
           f"unigram baseline {result['unigram_loss']:.4f}; {minutes:.1f} min; run dir {run_dir}")
 
 
+def _prompt_text(args) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    path = pathlib.Path(args.prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {path} does not exist")
+    return path.read_text()
+
+
 def _sample(args) -> None:
     import jax
-    from headwise.model.sampling import generate_uncached
+    from headwise.model.decode import generate_stream_sliding
     from .checkpoint import load_model
     from .data import tokenizer_from_json
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     params, cfg = load_model(args.run_dir)
     tok_path = pathlib.Path(args.run_dir) / "tokenizer.json"
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path} is missing: this run's data had no tokenizer to decode with")
     tokenizer = tokenizer_from_json(tok_path.read_text())
-    prompt = tokenizer.encode(args.prompt)
+    text = _prompt_text(args)
+    prompt = tokenizer.encode(text)
     if not prompt:
-        raise ValueError("--prompt is empty: give the model at least one character to continue")
-    print(args.prompt, end="", flush=True)
-    new, shown = [], ""
-    for token in generate_uncached(params, cfg, prompt, args.max_new_tokens, jax.random.key(args.seed),
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
-        new.append(token)
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    print(tokenizer.decode(new)[len(shown):])
+        raise ValueError("the prompt is empty: give the model at least one character to continue")
+    for i in range(args.num_samples):  # one at a time, so each streams; the step compiles once
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} of {args.num_samples} ---")
+        print(text, end="", flush=True)
+        new, shown = [], ""
+        for token in generate_stream_sliding(
+                params, cfg, prompt, args.max_new_tokens,
+                key=jax.random.fold_in(jax.random.key(args.seed), i),
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
+            new.append(token)
+            decoded = tokenizer.decode(new)
+            if not decoded.endswith("\ufffd"):
+                print(decoded[len(shown):], end="", flush=True)
+                shown = decoded
+        print(tokenizer.decode(new)[len(shown):])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
     sample.add_argument("--run-dir", required=True)
-    sample.add_argument("--prompt", required=True)
+    source = sample.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompt-file", help="a file whose text is the prompt")
+    sample.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt")
     sample.add_argument("--max-new-tokens", type=int, default=200)
     sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     sample.add_argument("--top-k", type=int, default=0, help="0 = no limit")

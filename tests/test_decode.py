@@ -1,0 +1,160 @@
+"""KV-cache decoding against the uncached forward pass; one compile; stop, top-k/top-p; errors."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from headwise.model import ModelConfig, forward, init_params
+from headwise.model import decode
+
+PATHS = ("reference", "fused", "chunked", "dot_product")
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15]]  # different lengths
+NEW = 6
+
+
+@functools.lru_cache(maxsize=None)
+def _params(position):
+    # Paths share parameters. Larger weights give peaked logits, so greedy tokens vary and
+    # sit far from ties.
+    cfg = ModelConfig.preset("tiny", position=position)
+    # Jitted: one compile, rather than one per leaf.
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    return jax.tree.map(lambda a: 4 * a if a.ndim > 1 else a, params)
+
+
+def _model(path="fused", position="learned"):
+    # attention_chunk=4 so 'chunked' walks several key blocks of the 16-slot cache.
+    cfg = ModelConfig.preset("tiny", attention=path, position=position, attention_chunk=4)
+    return cfg, _params(position)
+
+
+_forward = jax.jit(forward, static_argnums=2)
+
+
+def _uncached_last_logits(params, cfg, seqs):
+    """Recompute `forward` over each whole sequence; the logits at its last token, [B, V].
+    One baseline path (the readable 'reference') for all: test_model proves the paths equal."""
+    cfg = dataclasses.replace(cfg, attention="reference")
+    window = np.zeros((len(seqs), cfg.context_length), np.int32)
+    for b, seq in enumerate(seqs):
+        window[b, :len(seq)] = seq  # causal: what follows the sequence cannot change its logits
+    logits = np.asarray(_forward(params, jnp.asarray(window), cfg))
+    return np.stack([logits[b, len(seq) - 1] for b, seq in enumerate(seqs)])
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("path", PATHS)
+def test_cached_decoding_matches_forward(path, position):
+    cfg, params = _model(path, position)
+    seqs = [list(p) for p in PROMPTS]
+    n_steps = 0  # prefill, then NEW - 1 cached steps: each checked against a fresh forward
+    for tokens, logits in decode.steps(params, cfg, PROMPTS, NEW, temperature=0.0):
+        expected = _uncached_last_logits(params, cfg, seqs)
+        np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(tokens, np.argmax(expected, -1))  # exactly the same tokens
+        for seq, token in zip(seqs, tokens):
+            seq.append(int(token))
+        n_steps += 1
+    assert n_steps == NEW
+    if (path, position) == ("fused", "learned"):  # `generate` is the same loop, collected
+        assert decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0) == [
+            seq[len(p):] for seq, p in zip(seqs, PROMPTS)]
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy():
+    cfg, params = _model()
+    greedy = decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0)
+    assert decode.generate(params, cfg, PROMPTS, NEW, temperature=1.0, top_k=1,
+                           key=jax.random.key(7)) == greedy
+    # A tiny top_p keeps only the likeliest token: greedy again (first step: prefill only).
+    assert decode.generate(params, cfg, PROMPTS, 1, temperature=1.0, top_p=1e-6,
+                           key=jax.random.key(8)) == [row[:1] for row in greedy]
+
+
+def test_top_k_samples_only_from_the_k_likeliest_and_seed_reproduces():
+    cfg, params = _model()
+    _, logits = next(decode.steps(params, cfg, PROMPTS, 1, temperature=0.0))
+    allowed = [set(np.argsort(np.asarray(row))[-3:].tolist()) for row in logits]
+    seen = [set() for _ in PROMPTS]
+    for seed in range(8):
+        rows = decode.generate(params, cfg, PROMPTS, 1, temperature=1.0, top_k=3,
+                               key=jax.random.key(seed))
+        for s, row in zip(seen, rows):
+            s.add(row[0])
+    assert all(s <= a for s, a in zip(seen, allowed)), (seen, allowed)
+    assert sum(len(s) for s in seen) > len(PROMPTS)  # it does sample, not always the argmax
+    again = decode.generate(params, cfg, PROMPTS, NEW, temperature=1.0, top_k=3,
+                            key=jax.random.key(2))
+    assert again == decode.generate(params, cfg, PROMPTS, NEW, temperature=1.0, top_k=3,
+                                    key=jax.random.key(2))
+
+
+def test_stop_token_stops_its_row_only():
+    cfg, params = _model()
+    greedy = decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0)
+    stop = greedy[1][2]  # row 1 emits it at step 2 (or earlier)
+    got = decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0, stop_token=stop)
+    for row, full in zip(got, greedy):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:cut]  # the stop token is kept; nothing after it
+    assert len(got[1]) <= 3 and any(len(row) == NEW for row in got)
+    steps = list(decode.generate_stream(params, cfg, PROMPTS, NEW, temperature=0.0,
+                                        stop_token=greedy[1][0]))
+    assert steps[1][1] == -1  # a stopped row emits -1 from then on
+    same = [PROMPTS[2]] * 3  # same padded shape as PROMPTS: no new compile
+    assert len(list(decode.generate_stream(params, cfg, same, NEW, temperature=0.0,
+                                           stop_token=greedy[2][0]))) == 1  # all stopped: ends
+
+
+@pytest.mark.parametrize("prompts, new, match", [
+    ([[]], 2, "prompt 0 is empty"),
+    ([], 2, "prompts is empty"),
+    ([list(range(17))], 1, "context_length is 16"),
+    ([[1] * 10], 8, "lower max_new_tokens to at most 7"),
+    ([[1, 61]], 2, "vocab_size=61"),
+    ([[-1]], 2, "vocab_size=61"),
+    ([[1]], -1, "max_new_tokens"),
+])
+def test_bad_requests_raise_before_compiling(prompts, new, match):
+    cfg, params = _model()
+    with pytest.raises(ValueError, match=match):
+        decode.generate(params, cfg, prompts, new)
+
+
+def test_full_context_is_usable():
+    cfg, params = _model()
+    new = decode.generate(params, cfg, [[1] * 8] * 3, 9, temperature=0.0)  # 8 + 9 - 1 = 16
+    assert [len(row) for row in new] == [9] * 3
+    with pytest.raises(ValueError, match="stop_token"):
+        decode.generate(params, cfg, [[1]], 2, stop_token=61)
+    with pytest.raises(ValueError, match="top_p"):
+        decode.generate(params, cfg, [[1]], 2, top_p=0.0)
+    with pytest.raises(ValueError, match="empty"):  # at the call, not at the first next()
+        decode.generate_stream(params, cfg, [[]], 2)
+
+
+def test_decode_step_compiles_once_and_sliding_goes_past_the_context():
+    cfg, params = _model()
+    prompt = PROMPTS[0]
+    traces, real = [], decode.decode_step
+
+    def counting(*args, **kwargs):
+        traces.append(1)  # a Python side effect: runs only while tracing
+        return real(*args, **kwargs)
+
+    compiled_before = decode._next._cache_size()
+    decode.decode_step = counting
+    try:  # a batch of one is a new shape: exactly one trace for 20 tokens over two prefills
+        new = list(decode.generate_stream_sliding(params, cfg, prompt, 20, temperature=0.0))
+    finally:
+        decode.decode_step = real
+    assert len(new) == 20
+    assert len(traces) == 1 and decode._next._cache_size() == compiled_before + 1
+    first = 16 + 1 - len(prompt)  # the cache is full after these; then prefill the newest 8
+    # Batches of 3 identical rows reuse the compiled shapes of the tests above.
+    assert new[:first] == decode.generate(params, cfg, [prompt] * 3, first, temperature=0.0)[0]
+    window = (prompt + new[:first])[-8:]
+    assert new[first:] == decode.generate(params, cfg, [window] * 3, 20 - first, temperature=0.0)[0]
