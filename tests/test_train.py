@@ -45,7 +45,8 @@ def test_tiny_model_learns(corpus, tmp_path):
     assert result["unigram_loss"] > 2.5
     assert result["eval_loss"] < result["unigram_loss"] - 1.0
     evals = _rows(tmp_path / "run", "eval_loss")
-    assert list(evals) == [100, 200] and evals[200] < evals[100]
+    assert list(evals) == [0, 100, 200] and evals[200] < evals[100] < evals[0]
+    assert abs(evals[0] - np.log(256)) < 0.1  # untrained: about uniform over 256 bytes
     for name in ("config.toml", "loss.png", "tokenizer.json"):
         assert (tmp_path / "run" / name).is_file()
 

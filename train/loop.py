@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from headwise.model import flops_per_token, init_params, param_axes
-from headwise.model.sampling import generate_uncached
+from headwise.model.decode import generate_stream_sliding
 
 from . import checkpoint
 from .config import RunConfig, to_dict, write_config
@@ -123,6 +123,11 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     flops = flops_per_token(cfg.model) * tokens_per_step / (peak_flops(cfg) * jax.device_count())
     baseline = unigram_loss(data.train, data.vocab_size)
     summary = {"unigram_loss": baseline, "start_step": start}
+    if start == 0:
+        summary["initial_eval_loss"] = evaluate(eval_step, state["params"], data, cfg)
+        log.write({"step": 0, "eval_loss": summary["initial_eval_loss"]})
+        say(f"step 0: validation loss {summary['initial_eval_loss']:.4f} "
+            f"(unigram baseline {baseline:.4f})")
     last = steps if stop_at is None else min(stop_at, steps)
     bar = tqdm(range(start, last), initial=start, total=steps, disable=not progress,
                desc="train", unit="step", dynamic_ncols=True)
@@ -165,5 +170,6 @@ def sample_text(params, cfg: RunConfig, data: Dataset, prompt: str, n_tokens: in
                 **sampling) -> str:
     """Decode a sample from the model, prompt included."""
     ids = data.tokenizer.encode(prompt)
-    new = list(generate_uncached(params, cfg.model, ids, n_tokens, jax.random.key(seed), **sampling))
+    new = list(generate_stream_sliding(params, cfg.model, ids, n_tokens, key=jax.random.key(seed),
+                                       **sampling))
     return data.tokenizer.decode(ids + new)

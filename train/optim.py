@@ -6,10 +6,11 @@ from .config import OptimConfig
 
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to lr, then cosine decay to min_lr at the last step."""
+    """Linear warmup to lr, then cosine decay to min_lr at the last step. The first step
+    already moves (lr / (warmup + 1), as nanoGPT does): a zero learning rate wastes it."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        init_value=cfg.lr / (warmup + 1), peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_lr)
 
 
