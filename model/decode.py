@@ -164,7 +164,7 @@ def _check(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p,
                              f"needs {len(prompt) + max_new_tokens - 1} positions but "
                              f"ModelConfig.context_length is {C}: lower max_new_tokens to at most "
                              f"{C + 1 - len(prompt)}, shorten the prompt, or use "
-                             f"sampling.generate_uncached, which slides its window")
+                             f"generate_stream_sliding, which slides its window")
         if min(prompt) < 0 or max(prompt) >= V:
             raise ValueError(f"prompt {i} holds an id outside ModelConfig.vocab_size={V}: "
                              f"ids must be in [0, {V})")
