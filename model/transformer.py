@@ -7,6 +7,7 @@ import numpy as np
 
 from .attention import attention_layer
 from .config import ModelConfig
+from .logical import constrain
 
 _ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -75,11 +76,18 @@ def forward_embeddings(params: dict, x: jax.Array, cfg: ModelConfig, *, mask=Non
                        return_patterns: bool = False):
     """From embeddings to logits: the blocks under `lax.scan` (compile time does not grow with
     depth), then unembed. Shapes follow the path: [T, D] for 'reference', [B, T, D] otherwise."""
+    batched = x.ndim == 3  # the 'reference' path runs one sequence under vmap: no names
+
     def step(x, layer):
-        return block(x, _cast(layer, cfg.dtype), cfg, mask=mask, return_patterns=return_patterns)
+        x, patterns = block(x, _cast(layer, cfg.dtype), cfg, mask=mask,
+                            return_patterns=return_patterns)
+        # The residual stream at block boundaries (sharded as the rules say, if any).
+        return (constrain(x, ("batch", "seq", "embed")) if batched else x), patterns
 
     x, patterns = jax.lax.scan(step, x, params["blocks"])
     logits = unembed(params, x, cfg)
+    if batched:
+        logits = constrain(logits, ("batch", "seq", "vocab"))
     return (logits, patterns) if return_patterns else logits
 
 

@@ -1,0 +1,56 @@
+"""Strategies as tables: logical axis name -> mesh axes. The model never names a mesh axis.
+
+Rules are flax's format, an ordered tuple of (logical name, mesh axes) pairs. Earlier pairs win;
+a logical name may appear twice as a fallback (a mesh axis is used at most once per array, and
+a dimension takes the first free rule that names it).
+
+`batch` goes to ('data', 'fsdp') in EVERY table: every device that is not a tensor-parallel
+partner sees different sequences, so no mesh shape makes devices repeat work, and the batch
+layout (hence the data loader) does not depend on the strategy. A strategy only decides how
+the PARAMETERS are split; `data` is the axis they are replicated over.
+"""
+import flax.linen as nn
+import jax
+
+BATCH = (("batch", ("data", "fsdp")),)
+# FSDP: every matrix is split along the model width. Arrays with no `embed` axis (MLP and
+# per-head biases) fall back to `mlp`, then `head_dim`, so nothing sizeable is replicated.
+FSDP = (("embed", "fsdp"), ("mlp", "fsdp"), ("head_dim", "fsdp"))
+# Tensor parallel: each device holds whole heads (query/key/value columns, value_up rows), the
+# MLP's up columns and down rows, and a slice of the vocabulary (embedding rows, logit columns).
+TP = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+
+RULES = {
+    "dp": BATCH,
+    "fsdp": BATCH + FSDP,
+    "tp": BATCH + TP,
+    "fsdp+tp": BATCH + TP + FSDP,
+    # The same table: on a mesh with data > 1 and fsdp > 1, params are sharded over fsdp and
+    # replicated over data (hybrid sharding); the mesh, not the table, makes the difference.
+    "dp+fsdp+tp": BATCH + TP + FSDP,
+}
+
+
+def get_rules(strategy: str):
+    """The rules table of a named strategy."""
+    if strategy not in RULES:
+        raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of: "
+                         f"{', '.join(RULES)}")
+    return RULES[strategy]
+
+
+def as_rules(rules):
+    """A rules table from a table or a strategy name."""
+    return get_rules(rules) if isinstance(rules, str) else tuple(rules)
+
+
+def spec(axes: tuple, rules) -> jax.sharding.PartitionSpec:
+    """Logical axis names of one array -> its PartitionSpec under `rules`."""
+    return nn.logical_to_mesh_axes(tuple(axes), as_rules(rules))
+
+
+def mesh_axes_used(rules) -> set[str]:
+    used = set()
+    for _, mesh_axes in as_rules(rules):
+        used.update((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ())
+    return used

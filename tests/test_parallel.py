@@ -1,0 +1,267 @@
+"""Sharding on 8 simulated CPU devices: every strategy computes what one device computes, the
+arrays are really split as the rules say, and bad meshes fail before anything compiles."""
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from headwise import parallel
+from headwise.model import ModelConfig, forward, param_axes, param_shapes
+from headwise.train.config import MeshConfig, OptimConfig
+from headwise.train.optim import learning_rate, make_optimizer
+from headwise.train.step import loss_and_grads
+
+# Every sharded dimension divides the meshes below; 8 heads so tp=4 leaves 2 per device.
+CFG = ModelConfig.preset("tiny", n_heads=8, d_head=8, d_model=32, d_mlp=64, vocab_size=64,
+                         context_length=16, attention="dot_product")
+OPT = OptimConfig(warmup_steps=0)  # a real update on step 0 (warmup would make lr 0)
+OPTIMIZER = make_optimizer(OPT, 10, param_axes(CFG))
+SCHEDULE = learning_rate(OPT, 10)
+BATCH = 8
+# Compile fast (these programs are tiny): about half the CPU compile time, same numerics rules.
+FAST = {"compiler_options": {"xla_backend_optimization_level": 0,
+                             "xla_llvm_disable_expensive_passes": True}}
+
+MESHES = {  # name: (mesh config, devices used, strategy)
+    "1": (MeshConfig(), 1, "dp"),
+    "dp8": (MeshConfig(data=8), 8, "dp"),
+    "fsdp8": (MeshConfig(fsdp=8), 8, "fsdp"),
+    "dp2xtp4": (MeshConfig(data=2, tensor=4), 8, "tp"),
+    "fsdp2xtp4": (MeshConfig(fsdp=2, tensor=4), 8, "fsdp+tp"),
+    "2x2x2": (MeshConfig(data=2, fsdp=2, tensor=-1), 8, "dp+fsdp+tp"),
+}
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (BATCH, CFG.context_length + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def _mesh(name):
+    mesh_cfg, n, strategy = MESHES[name]
+    return parallel.make_mesh(mesh_cfg, jax.devices()[:n]), parallel.get_rules(strategy)
+
+
+def _run(name, grad_accum=1):
+    return _run_once(name, grad_accum)  # one cache key however it is called
+
+
+@functools.cache
+def _run_once(name, grad_accum):
+    """One mesh: init, forward logits, loss and grads, one train step; results on the host,
+    plus the live state, batch and jitted step. Cached: each mesh compiles once per session."""
+    mesh, rules = _mesh(name)
+    parallel.check_divisible(CFG, mesh, rules, BATCH, grad_accum)
+    params = parallel.init_sharded(CFG, jax.random.key(0), mesh, rules, **FAST)
+    batch = parallel.shard_batch(_batch(), mesh, rules)
+    p_sh = parallel.param_shardings(CFG, mesh, rules)
+
+    def evaluate(params, batch):
+        logits = forward(params, batch["inputs"], CFG)
+        value, grads = loss_and_grads(params, batch, CFG)
+        return value, logits, grads
+
+    evaluate = jax.jit(parallel.under_rules(evaluate, mesh, rules),
+                       out_shardings=(parallel.replicated(mesh), None, p_sh), **FAST)
+    # With accumulation only the step is compared (the plain run already covers the rest).
+    loss, logits, grads, logits_shard = (None,) * 4
+    if grad_accum == 1:
+        loss, logits, grads = evaluate(params, batch)
+        logits_shard = logits.sharding.shard_shape(logits.shape)
+        loss, logits, grads = jax.device_get((loss, logits, grads))
+    host_params = jax.device_get(params)
+    state = parallel.init_sharded_state(CFG, params, OPTIMIZER, jax.random.key(1), mesh, rules,
+                                        **FAST)
+    step = parallel.make_sharded_train_step(CFG, OPTIMIZER, SCHEDULE, mesh, rules, grad_accum,
+                                            **FAST)
+    state, metrics = step(state, batch)
+    return dict(params=host_params, loss=loss, logits=logits, grads=grads, logits_shard=logits_shard,
+                step_loss=float(metrics["loss"]), new_params=jax.device_get(state["params"]),
+                state=state, batch=batch, step=step, mesh=mesh)
+
+
+def _reference(grad_accum=1):
+    """The same on one device."""
+    return _run("1", grad_accum)
+
+
+def _zero_grad_leaves(grads) -> set:
+    """Leaves whose exact gradient is zero: key biases (softmax ignores a shift shared by a
+    row of scores). Their computed gradients are rounding noise (~1e-12), and Adam divides that
+    noise by its eps, so their updates are noise too: they are checked to be ~0, not compared."""
+    top = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+    return {jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+            if float(np.abs(g).max()) < 1e-8 * top}
+
+
+def _assert_close(tree, ref, tol, what, skip=frozenset(), norm=np.max):
+    """Per leaf: norm(a - b) <= tol * norm(b); `norm` is max-abs unless given."""
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(ref)):
+        name = jax.tree_util.keystr(path)
+        if name in skip:
+            continue
+        scale = max(float(norm(np.abs(b))), 1e-30)
+        err = float(norm(np.abs(np.asarray(a) - np.asarray(b))))
+        assert err <= tol * scale, f"{what}{name}: {err:.2e} > {tol} * {scale:.2e}"
+
+
+def _assert_step_matches(got, ref, zero):
+    assert abs(got["step_loss"] - ref["step_loss"]) <= 1e-6 * abs(ref["step_loss"])
+    # Updated params in the Frobenius norm: elementwise, Adam's first step is g / (|g| + eps),
+    # which turns 1e-12 rounding in a near-zero gradient element into a ~1e-6 move.
+    _assert_close(got["new_params"], ref["new_params"], 1e-5, "updated params", zero,
+                  norm=np.linalg.norm)
+
+
+@pytest.mark.parametrize("name", [n for n in MESHES if n != "1"])
+def test_matches_one_device(name):
+    ref, got = _reference(), _run(name)
+    _assert_close(got["params"], ref["params"], 0.0, "init")  # the same init on every mesh
+    assert abs(got["loss"] - ref["loss"]) <= 1e-6 * abs(ref["loss"])
+    _assert_close(got["logits"], ref["logits"], 1e-5, "logits")
+    # The model names its activations; the rules place them: batch over (data, fsdp) and,
+    # under tensor parallelism, the vocabulary too (the cross-entropy above ran on it).
+    mesh, rules = _mesh(name)
+    assert got["logits_shard"] == (BATCH // parallel.batch_devices(mesh, rules),
+                                  CFG.context_length, CFG.vocab_size // mesh.shape["tensor"])
+    zero = _zero_grad_leaves(ref["grads"])
+    assert zero == _zero_grad_leaves(got["grads"])
+    assert zero <= {"['blocks']['attention']['key_bias']"}, zero
+    _assert_close(got["grads"], ref["grads"], 1e-5, "grads", zero)
+    _assert_step_matches(got, ref, zero)
+    # ... and the step really changed the params.
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), ref["new_params"], ref["params"])
+    assert np.median(jax.tree.leaves(moved)) > 1e-4
+
+
+def test_grad_accum_matches_one_device():
+    ref, got = _reference(2), _run("2x2x2", grad_accum=2)
+    _assert_step_matches(got, ref, _zero_grad_leaves(_reference()["grads"]))
+    assert abs(got["step_loss"] - _reference()["step_loss"]) <= 1e-5 * got["step_loss"]
+
+
+def test_sharded_eval_step():
+    mesh, rules = _mesh("fsdp2xtp4")
+    evaluate = parallel.make_sharded_eval_step(CFG, mesh, rules, **FAST)
+    run = _run("fsdp2xtp4")
+    value = float(evaluate(run["state"]["params"], run["batch"]))
+    one = _reference()
+    evaluate_one = parallel.make_sharded_eval_step(CFG, one["mesh"], "dp", **FAST)
+    expected = float(evaluate_one(one["state"]["params"], one["batch"]))
+    assert abs(value - expected) <= 1e-6 * expected and value < one["loss"]  # after one step
+
+
+def _shard_shapes(array) -> set:
+    return {s.data.shape for s in array.addressable_shards}
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_shards_are_what_the_rules_say(name):
+    run = _run(name)
+    mesh, rules, params = run["mesh"], _mesh(name)[1], run["state"]["params"]
+    specs = parallel.param_specs_tree(CFG, rules)
+    for (path, array), spec, shape in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+            jax.tree.leaves(param_shapes(CFG), is_leaf=lambda x: isinstance(x, tuple))):
+        entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+        expected = tuple(d // parallel.checks.axis_size(mesh, e) for d, e in zip(shape, entries))
+        assert _shard_shapes(array) == {expected}, jax.tree_util.keystr(path)
+    # The same, spelled out for the strategies' defining arrays.
+    L, D, N, H, F, V = (CFG.n_layers, CFG.d_model, CFG.n_heads, CFG.d_head, CFG.d_mlp,
+                        CFG.vocab_size)
+    att, mlp = params["blocks"]["attention"], params["blocks"]["mlp"]
+    t, f = mesh.shape["tensor"], mesh.shape["fsdp"]
+    assert _shard_shapes(att["query"]) == {(L, D // f, N // t, H)}
+    assert _shard_shapes(att["value_up"]) == {(L, N // t, H, D // f)}
+    assert _shard_shapes(mlp["up"]) == {(L, D // f, F // t)}
+    assert _shard_shapes(mlp["down"]) == {(L, F // t, D // f)}
+    assert _shard_shapes(params["embed"]["token"]) == {(V // t, D // f)}
+    # The optimizer's moments are laid out as their params are.
+    adam = run["state"]["opt_state"][1][0]  # chain(clip, adamw) -> adamw's scale_by_adam
+    for moments in (adam.mu, adam.nu):
+        for m, p in zip(jax.tree.leaves(moments), jax.tree.leaves(params)):
+            assert m.sharding == p.sharding
+
+
+def test_tensor_parallel_devices_hold_whole_heads():
+    query = _run("dp2xtp4")["state"]["params"]["blocks"]["attention"]["query"]  # [L, D, N, H]
+    full = np.asarray(query)
+    per_device = CFG.n_heads // 4
+    held = set()
+    for shard in query.addressable_shards:
+        heads = range(CFG.n_heads)[shard.index[2]]
+        assert len(heads) == per_device and shard.data.shape[3] == CFG.d_head  # whole heads
+        np.testing.assert_array_equal(np.asarray(shard.data), full[:, :, heads.start:heads.stop])
+        held.add(tuple(heads))
+    assert sorted(h for hs in held for h in hs) == list(range(CFG.n_heads))
+
+
+def _state_bytes_on(state, device) -> int:
+    trees = (state["params"], state["opt_state"])
+    return sum(s.data.nbytes for a in jax.tree.leaves(trees) for s in a.addressable_shards
+               if s.device == device)
+
+
+def test_fsdp_splits_params_and_optimizer_state_eightfold():
+    one, eight = _reference(), _run("fsdp8")
+    total = _state_bytes_on(one["state"], one["mesh"].devices.flat[0])
+    for device in eight["mesh"].devices.flat:
+        assert _state_bytes_on(eight["state"], device) <= total / 8 * 1.05
+    # XLA's own figure for the compiled step's per-device arguments (state and batch).
+    args = [r["step"].lower(r["state"], r["batch"]).compile().memory_analysis()
+            .argument_size_in_bytes for r in (one, eight)]
+    assert args[0] >= total
+    assert args[1] <= args[0] / 8 * 1.05, args
+
+
+# --- Clear errors, before anything compiles ------------------------------------------------
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before checking")
+    monkeypatch.setattr(jax, "jit", refuse)
+
+
+def test_mesh_product_must_match_device_count():
+    with pytest.raises(ValueError, match=r"mesh.data=3.*8 devices"):
+        parallel.make_mesh(MeshConfig(data=3))
+    with pytest.raises(ValueError, match="does not divide the 8 devices"):
+        parallel.make_mesh(MeshConfig(data=3, fsdp=-1))
+    assert parallel.make_mesh(MeshConfig(data=2, tensor=-1)).shape["tensor"] == 4
+
+
+def test_heads_must_divide_tensor(no_compiling):
+    mesh = parallel.make_mesh(MeshConfig(data=4, tensor=2))
+    cfg = dataclasses.replace(CFG, n_heads=3)
+    with pytest.raises(ValueError, match=r"n_heads=3 is not divisible by mesh tensor=2"):
+        parallel.check_divisible(cfg, mesh, "tp")
+    with pytest.raises(ValueError, match=r"n_heads=3 .*tensor=2"):
+        parallel.init_sharded(cfg, jax.random.key(0), mesh, "tp")
+    with pytest.raises(ValueError, match=r"n_heads=3 .*tensor=2"):
+        parallel.make_sharded_train_step(cfg, OPTIMIZER, SCHEDULE, mesh, "tp")
+    with pytest.raises(ValueError, match=r"vocab_size=61 .*tensor=2.*multiple of 2"):
+        parallel.check_divisible(ModelConfig.preset("tiny", n_heads=4), mesh, "tp")
+
+
+def test_batch_must_divide_data_fsdp_and_accumulation(no_compiling):
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=4))
+    parallel.check_divisible(CFG, mesh, "fsdp", 16, 2)
+    with pytest.raises(ValueError, match=r"batch_size=12 .*data=2\*fsdp=4 \* train.grad_accum=1"):
+        parallel.check_divisible(CFG, mesh, "fsdp", 12)
+    with pytest.raises(ValueError, match=r"batch_size=8 .*grad_accum=2 = 16"):
+        parallel.check_divisible(CFG, mesh, "fsdp", 8, 2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        parallel.shard_batch({"inputs": np.zeros((12, 4), np.int32)}, mesh, "fsdp")
+
+
+def test_unknown_strategy_and_unused_axis(no_compiling):
+    with pytest.raises(ValueError, match=r"'zero3'.*dp, fsdp, tp, fsdp\+tp, dp\+fsdp\+tp"):
+        parallel.get_rules("zero3")
+    mesh = parallel.make_mesh(MeshConfig(data=2, tensor=4))
+    with pytest.raises(ValueError, match=r"mesh.tensor=4 .*strategy fsdp .*'tensor'"):
+        parallel.check_divisible(CFG, mesh, "fsdp")
