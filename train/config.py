@@ -69,7 +69,7 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh axes (data, fsdp, tensor) and the sharding strategy."""
 
-    data: int = 1
+    data: int = -1  # all the devices there are: plain data parallel
     fsdp: int = 1
     tensor: int = 1
     strategy: str = "dp"

@@ -5,18 +5,18 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from headwise import parallel
 from headwise.model import flops_per_token, init_params, param_axes
 from headwise.model.decode import generate_stream_sliding
 
 from . import checkpoint
 from .config import RunConfig, to_dict, write_config
-from .data import Dataset, check_fits, eval_batches, get_batch, load_dataset
+from .data import Dataset, check_fits, get_batch, load_dataset
 from .optim import learning_rate, make_optimizer
-from .step import init_state, make_eval_step, make_train_step
+from .step import init_state
 
 # Dense bf16 peak FLOP/s per chip, for MFU when train.peak_flops is 0.
 _PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5e": 197e12, "v4": 275e12,
@@ -38,34 +38,43 @@ def unigram_loss(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _to_device(inputs_BT, targets_BT) -> dict:
-    return {"inputs": jnp.asarray(inputs_BT), "targets": jnp.asarray(targets_BT)}
+def _global_batch(tokens, cfg: RunConfig, step: int, seed: int, mesh, rules) -> dict:
+    """This process's rows of the global batch for `step`, as one sharded jax.Array each."""
+    inputs, targets = get_batch(tokens, seed=seed, step=step, batch_size=cfg.train.batch_size,
+                                context_length=cfg.model.context_length,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    return parallel.shard_batch({"inputs": inputs, "targets": targets}, mesh, rules)
 
 
-def evaluate(eval_step, params, data: Dataset, cfg: RunConfig) -> float:
+def evaluate(eval_step, params, data: Dataset, cfg: RunConfig, mesh, rules) -> float:
     """Mean loss over the same `eval_steps` validation batches every time."""
-    losses = [eval_step(params, _to_device(*b)) for b in eval_batches(
-        data.val, seed=cfg.train.seed + 1, num_batches=cfg.train.eval_steps,
-        batch_size=cfg.train.batch_size, context_length=cfg.model.context_length)]
-    return float(np.mean(jax.device_get(losses)))
+    losses = [eval_step(params, _global_batch(data.val, cfg, i, cfg.train.seed + 1, mesh, rules))
+              for i in range(cfg.train.eval_steps)]
+    return float(np.mean(jax.device_get(losses))) if losses else float("nan")
 
 
 class MetricsLog:
     """metrics.jsonl (one object per row) and loss.png, in the run dir. Rows past the step a run
     resumes from (written after its last checkpoint) are dropped, so the log matches the state."""
 
-    def __init__(self, run_dir: pathlib.Path, start_step: int):
-        self.path, self.plot = run_dir / "metrics.jsonl", run_dir / "loss.png"
+    def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True):
+        self.path, self.plot, self.enabled = run_dir / "metrics.jsonl", run_dir / "loss.png", enabled
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         self.rows = [r for r in map(json.loads, lines) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        if enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def draw(self) -> None:
+        if not self.enabled:
+            return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -81,9 +90,18 @@ class MetricsLog:
         plt.close(fig)
 
 
-def _fresh_state(cfg: RunConfig, optimizer):
+def initial_state(cfg: RunConfig, optimizer, mesh, rules, manager):
+    """The newest checkpoint, restored straight into this mesh's shardings (whatever mesh saved
+    it), or a fresh state born sharded."""
+    shardings = parallel.state_shardings(cfg.model, optimizer, mesh, rules)
     key, init_key = jax.random.split(jax.random.key(cfg.train.seed))
-    return init_state(init_params(cfg.model, init_key), optimizer, key)
+    if checkpoint.latest_step(manager) is not None:
+        shapes = jax.eval_shape(lambda k: init_state(init_params(cfg.model, k), optimizer, k), key)
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes, shardings)
+        return checkpoint.restore(manager, target)[0]
+    params = parallel.init_sharded(cfg.model, init_key, mesh, rules)
+    return parallel.init_sharded_state(cfg.model, params, optimizer, key, mesh, rules)
 
 
 def prepare(cfg: RunConfig, run_dir: pathlib.Path):
@@ -95,8 +113,9 @@ def prepare(cfg: RunConfig, run_dir: pathlib.Path):
                          f"--set model.vocab_size={data.tokenizer.vocab_size}")
     check_fits(data, cfg.model.context_length)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir / "config.toml")
-    if data.tokenizer is not None:
+    if jax.process_index() == 0:
+        write_config(cfg, run_dir / "config.toml")
+    if data.tokenizer is not None and jax.process_index() == 0:
         (run_dir / "tokenizer.json").write_text(data.tokenizer.to_json())
     return data
 
@@ -105,26 +124,32 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
     the data. `stop_at` ends early with a checkpoint, as a pre-empted job would."""
     run_dir = pathlib.Path(run_dir).absolute()
+    t, steps = cfg.train, cfg.train.steps
+    mesh, rules = parallel.make_mesh(cfg.mesh), parallel.get_rules(cfg.mesh.strategy)
+    parallel.check_divisible(cfg.model, mesh, rules, t.batch_size, t.grad_accum)
     data = prepare(cfg, run_dir)
+    lead = jax.process_index() == 0  # only the first process prints and writes logs
+    progress = progress and lead
     say = tqdm.write if progress else (lambda s: None)
     say(f"data: {data.description}; corpus hash {data.corpus_hash}")
-    t, steps = cfg.train, cfg.train.steps
+    say(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s), {jax.process_count()} process(es), strategy {cfg.mesh.strategy}")
     optimizer = make_optimizer(cfg.optim, steps, param_axes(cfg.model))
-    train_step = make_train_step(cfg.model, optimizer, learning_rate(cfg.optim, steps), t.grad_accum)
-    eval_step = make_eval_step(cfg.model)
+    train_step = parallel.make_sharded_train_step(
+        cfg.model, optimizer, learning_rate(cfg.optim, steps), mesh, rules, t.grad_accum)
+    eval_step = parallel.make_sharded_eval_step(cfg.model, mesh, rules)
     manager = checkpoint.open_manager(run_dir, keep=t.keep_checkpoints)
-    state = _fresh_state(cfg, optimizer)
-    if checkpoint.latest_step(manager) is not None:
-        state, _ = checkpoint.restore(manager, jax.eval_shape(lambda: state))
-        say(f"resumed from step {int(state['step'])} in {run_dir}")
+    state = initial_state(cfg, optimizer, mesh, rules, manager)
     start = int(state["step"])
-    log = MetricsLog(run_dir, start)
+    if start:
+        say(f"resumed from step {start} in {run_dir}")
+    log = MetricsLog(run_dir, start, enabled=lead)
     tokens_per_step = t.batch_size * cfg.model.context_length
     flops = flops_per_token(cfg.model) * tokens_per_step / (peak_flops(cfg) * jax.device_count())
     baseline = unigram_loss(data.train, data.vocab_size)
     summary = {"unigram_loss": baseline, "start_step": start}
     if start == 0:
-        summary["initial_eval_loss"] = evaluate(eval_step, state["params"], data, cfg)
+        summary["initial_eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
         log.write({"step": 0, "eval_loss": summary["initial_eval_loss"]})
         say(f"step 0: validation loss {summary['initial_eval_loss']:.4f} "
             f"(unigram baseline {baseline:.4f})")
@@ -133,8 +158,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
                desc="train", unit="step", dynamic_ncols=True)
     clock, clock_step = time.perf_counter(), start
     for step in bar:
-        batch = _to_device(*get_batch(data.train, seed=t.seed, step=step, batch_size=t.batch_size,
-                                      context_length=cfg.model.context_length))
+        batch = _global_batch(data.train, cfg, step, t.seed, mesh, rules)
         state, metrics = train_step(state, batch)
         done = step + 1
         if step == start:  # leave compilation out of tokens/s
@@ -149,7 +173,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
             log.write({"step": done, **metrics})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
         if done % t.eval_every == 0 or done == steps:
-            summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg)
+            summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
             log.write({"step": done, "eval_loss": summary["eval_loss"]})
             log.draw()
             say(f"step {done}: validation loss {summary['eval_loss']:.4f} "
@@ -159,7 +183,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
             checkpoint.save(manager, done, state, to_dict(cfg))
     bar.close()
     if "eval_loss" not in summary:  # the run had already finished
-        summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg)
+        summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
     manager.wait_until_finished()
     manager.close()
     summary.update(step=int(state["step"]), params=state["params"], data=data)
