@@ -31,8 +31,18 @@ RULES = {
 }
 
 
-def get_rules(strategy: str):
-    """The rules table of a named strategy."""
+def strategy_for(mesh: jax.sharding.Mesh) -> str:
+    """The strategy that uses exactly the mesh axes larger than 1 (what 'auto' means)."""
+    fsdp, tensor = mesh.shape["fsdp"] > 1, mesh.shape["tensor"] > 1
+    if fsdp and tensor:
+        return "dp+fsdp+tp" if mesh.shape["data"] > 1 else "fsdp+tp"
+    return "fsdp" if fsdp else "tp" if tensor else "dp"
+
+
+def get_rules(strategy: str, mesh: jax.sharding.Mesh | None = None):
+    """The rules table of a named strategy ('auto' needs the mesh)."""
+    if strategy == "auto" and mesh is not None:
+        strategy = strategy_for(mesh)
     if strategy not in RULES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of: "
                          f"{', '.join(RULES)}")

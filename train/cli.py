@@ -17,16 +17,49 @@ def _default_run_dir(config: str | None) -> pathlib.Path:
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _train(args) -> None:
+def _mesh_overrides(text: str | None) -> list[str]:
+    """--mesh data=2,fsdp=2,tensor=2 -> mesh.* overrides; axes not named are 1."""
+    if not text:
+        return []
+    given = dict(part.split("=", 1) if "=" in part else (part, "")
+                 for part in text.replace(" ", "").split(","))
+    unknown = set(given) - {"data", "fsdp", "tensor", "strategy"}
+    if unknown or any(not v for v in given.values()):
+        raise ValueError(f"--mesh expects axis=size pairs over data, fsdp, tensor (and "
+                         f"optionally strategy=NAME), e.g. data=2,fsdp=2,tensor=2; got {text!r}")
+    axes = {"data": "1", "fsdp": "1", "tensor": "1", **given}
+    return [f"mesh.{k}={v if k != 'strategy' else repr(v)}" for k, v in axes.items()]
+
+
+def _run_config(args):
     from .config import load_config
+    return load_config(args.config, [p for group in args.set for p in group]
+                       + _mesh_overrides(args.mesh))
+
+
+def _shardings(args) -> None:
+    from headwise import parallel
+    from headwise.parallel.table import shardings_table
+    cfg = _run_config(args)
+    mesh = parallel.make_mesh(cfg.mesh)
+    rules = parallel.get_rules(cfg.mesh.strategy, mesh)
+    parallel.check_divisible(cfg.model, mesh, rules, cfg.train.batch_size, cfg.train.grad_accum)
+    strategy = parallel.strategy_for(mesh) if cfg.mesh.strategy == "auto" else cfg.mesh.strategy
+    print(shardings_table(cfg.model, mesh, rules, strategy))
+
+
+def _train(args) -> None:
+    import jax
     from .loop import sample_text, train
-    cfg = load_config(args.config, [pair for group in args.set for pair in group])
+    cfg = _run_config(args)
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
     print(f"run dir: {run_dir}  (run again with --run-dir {run_dir} to resume)")
     started = time.perf_counter()
     result = train(cfg, run_dir)
     minutes = (time.perf_counter() - started) / 60
-    if cfg.train.sample_tokens and result["data"].tokenizer is not None:
+    if jax.process_index():
+        return
+    if cfg.train.sample_tokens and result["data"].tokenizer is not None and jax.process_count() == 1:
         text = sample_text(result["params"], cfg, result["data"], "\n", cfg.train.sample_tokens,
                            temperature=0.8, top_k=40)
         print(f"\n--- sample ---\n{text}\n--------------")
@@ -78,6 +111,16 @@ def _sample(args) -> None:
         print(tokenizer.decode(new)[len(shown):])
 
 
+def _start(args) -> None:
+    """Devices and processes, before anything touches a device."""
+    from headwise.parallel.launch import simulate_cpu_devices, start_distributed
+    if getattr(args, "devices", None) is not None:
+        simulate_cpu_devices(args.devices)
+    if hasattr(args, "coordinator"):
+        start_distributed(args.coordinator, args.num_processes, args.process_id,
+                          auto=args.distributed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from headwise.model import PRESETS
     parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
@@ -88,13 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
     params.set_defaults(run=_params)
 
-    train = commands.add_parser("train", help="train a model (default: a small byte-level GPT "
-                                "on the Python standard library's sources, on the CPU)")
-    train.add_argument("--config", help="a TOML file, or the name of one in configs/")
-    train.add_argument("--set", nargs="+", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override config values, e.g. --set train.steps=100 optim.lr=1e-3")
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--config", help="a TOML file, or the name of one in configs/")
+    run.add_argument("--set", nargs="+", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override config values, e.g. --set train.steps=100 optim.lr=1e-3")
+    run.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the rest)")
+    run.add_argument("--devices", type=int, help="simulate N CPU devices (try any mesh on a laptop)")
+    hosts = run.add_argument_group("multi-host (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                                   "JAX_PROCESS_ID)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
+    hosts.add_argument("--distributed", action="store_true",
+                       help="start JAX's runtime from the cluster (SLURM, Open MPI, TPU pod ...)")
+
+    train = commands.add_parser("train", parents=[run], help="train a model (default: a small "
+                                "byte-level GPT on the Python standard library's sources, on the CPU)")
     train.add_argument("--run-dir", help="where logs and checkpoints go; an existing run resumes")
     train.set_defaults(run=_train)
+
+    shardings = commands.add_parser("shardings", parents=[run], help="every parameter's "
+                                    "logical axes, mesh sharding and bytes per device")
+    shardings.set_defaults(run=_shardings)
 
     sample = commands.add_parser("sample", help="generate text from a trained run")
     sample.add_argument("--run-dir", required=True)
@@ -114,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _start(args)
         args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"headwise {args.command}: error: {error}", file=sys.stderr)

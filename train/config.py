@@ -67,12 +67,13 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Device mesh axes (data, fsdp, tensor) and the sharding strategy."""
+    """Device mesh axes (data, fsdp, tensor) and the sharding strategy (a name in
+    headwise.parallel.RULES, or 'auto')."""
 
     data: int = -1  # all the devices there are: plain data parallel
     fsdp: int = 1
     tensor: int = 1
-    strategy: str = "dp"
+    strategy: str = "auto"  # auto: dp, fsdp, tp or a mix, by which axes are larger than 1
 
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):

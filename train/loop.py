@@ -120,20 +120,24 @@ def prepare(cfg: RunConfig, run_dir: pathlib.Path):
     return data
 
 
-def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None) -> dict:
+def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
+          devices=None) -> dict:
     """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
-    the data. `stop_at` ends early with a checkpoint, as a pre-empted job would."""
+    the data. `stop_at` ends early with a checkpoint, as a pre-empted job would; `devices`
+    (default: all) are the ones the mesh is made of."""
     run_dir = pathlib.Path(run_dir).absolute()
     t, steps = cfg.train, cfg.train.steps
-    mesh, rules = parallel.make_mesh(cfg.mesh), parallel.get_rules(cfg.mesh.strategy)
+    mesh = parallel.make_mesh(cfg.mesh, devices)
+    rules = parallel.get_rules(cfg.mesh.strategy, mesh)
     parallel.check_divisible(cfg.model, mesh, rules, t.batch_size, t.grad_accum)
     data = prepare(cfg, run_dir)
     lead = jax.process_index() == 0  # only the first process prints and writes logs
     progress = progress and lead
     say = tqdm.write if progress else (lambda s: None)
     say(f"data: {data.description}; corpus hash {data.corpus_hash}")
-    say(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), {jax.process_count()} process(es), strategy {cfg.mesh.strategy}")
+    say(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} "
+        f"device(s), {jax.process_count()} process(es), strategy {cfg.mesh.strategy}"
+        + (f" ({parallel.strategy_for(mesh)})" if cfg.mesh.strategy == "auto" else ""))
     optimizer = make_optimizer(cfg.optim, steps, param_axes(cfg.model))
     train_step = parallel.make_sharded_train_step(
         cfg.model, optimizer, learning_rate(cfg.optim, steps), mesh, rules, t.grad_accum)
@@ -145,7 +149,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
         say(f"resumed from step {start} in {run_dir}")
     log = MetricsLog(run_dir, start, enabled=lead)
     tokens_per_step = t.batch_size * cfg.model.context_length
-    flops = flops_per_token(cfg.model) * tokens_per_step / (peak_flops(cfg) * jax.device_count())
+    flops = flops_per_token(cfg.model) * tokens_per_step / (peak_flops(cfg) * mesh.size)
     baseline = unigram_loss(data.train, data.vocab_size)
     summary = {"unigram_loss": baseline, "start_step": start}
     if start == 0:
