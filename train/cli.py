@@ -42,9 +42,10 @@ def _shardings(args) -> None:
     from headwise.parallel.table import shardings_table
     cfg = _run_config(args)
     mesh = parallel.make_mesh(cfg.mesh)
-    rules = parallel.get_rules(cfg.mesh.strategy, mesh)
+    rules = cfg.mesh.rules or parallel.get_rules(cfg.mesh.strategy, mesh)
     parallel.check_divisible(cfg.model, mesh, rules, cfg.train.batch_size, cfg.train.grad_accum)
-    strategy = parallel.strategy_for(mesh) if cfg.mesh.strategy == "auto" else cfg.mesh.strategy
+    strategy = ("your rules" if cfg.mesh.rules else parallel.strategy_for(mesh)
+                if cfg.mesh.strategy == "auto" else cfg.mesh.strategy)
     print(shardings_table(cfg.model, mesh, rules, strategy))
 
 

@@ -74,12 +74,31 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     strategy: str = "auto"  # auto: dp, fsdp, tp or a mix, by which axes are larger than 1
+    # Your own table instead of a named strategy: [["batch", ["data", "fsdp"]], ["heads", "tensor"]]
+    rules: tuple = ()
 
     def __post_init__(self):
+        from headwise.parallel.rules import RULES  # here: parallel imports train.step
         for name in ("data", "fsdp", "tensor"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise ValueError(f"mesh.{name} must be positive or -1 (the remaining devices), "
                                  f"got {getattr(self, name)}")
+        if self.strategy not in ("auto", *RULES):
+            raise ValueError(f"unknown mesh.strategy {self.strategy!r}; choose one of: auto, "
+                             f"{', '.join(RULES)}, or give mesh.rules")
+        object.__setattr__(self, "rules", tuple(_rule(r) for r in self.rules))
+
+
+def _rule(rule) -> tuple:
+    """One [logical name, mesh axis | [mesh axes] | null] pair, as a hashable tuple."""
+    axes = ("data", "fsdp", "tensor")
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+        raise ValueError(f"mesh.rules entries are [logical_name, mesh_axes] pairs, got {rule!r}")
+    name, target = rule
+    names = [target] if isinstance(target, str) else list(target or [])
+    if any(n not in axes for n in names):
+        raise ValueError(f"mesh.rules: {target!r} for {name!r} is not among the mesh axes {axes}")
+    return (name, target if isinstance(target, str) or target is None else tuple(target))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,6 +121,8 @@ def _coerce(section: str, key: str, value, expected: type):
     """TOML's value, checked against the field's type (an int is a fine float)."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is tuple and isinstance(value, list):
+        return tuple(value)
     if type(value) is not expected:
         raise ValueError(f"{section}.{key} must be {expected.__name__}, got {value!r} "
                          f"({type(value).__name__})")

@@ -128,7 +128,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     run_dir = pathlib.Path(run_dir).absolute()
     t, steps = cfg.train, cfg.train.steps
     mesh = parallel.make_mesh(cfg.mesh, devices)
-    rules = parallel.get_rules(cfg.mesh.strategy, mesh)
+    rules = cfg.mesh.rules or parallel.get_rules(cfg.mesh.strategy, mesh)
     parallel.check_divisible(cfg.model, mesh, rules, t.batch_size, t.grad_accum)
     data = prepare(cfg, run_dir)
     lead = jax.process_index() == 0  # only the first process prints and writes logs
