@@ -84,7 +84,7 @@ def forward_embeddings(params: dict, x: jax.Array, cfg: ModelConfig, *, mask=Non
         # The residual stream at block boundaries (sharded as the rules say, if any).
         return (constrain(x, ("batch", "seq", "embed")) if batched else x), patterns
 
-    x, patterns = jax.lax.scan(step, x, params["blocks"])
+    x, patterns = jax.lax.scan(step, x, params["blocks"], unroll=cfg.scan_unroll)
     logits = unembed(params, x, cfg)
     if batched:
         logits = constrain(logits, ("batch", "seq", "vocab"))
