@@ -147,3 +147,29 @@ def test_config_file_and_overrides(tmp_path):
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.train.steps, cfg.optim.lr) == (3, 24, 9, 1e-3)
     with pytest.raises(FileNotFoundError, match="--config"):
         load_config("no-such-config")
+
+
+def _event_scalars(folder: pathlib.Path) -> dict:
+    """(tag, step) -> value from TensorBoard event files: TFRecord framing around Event protos."""
+    from tensorboardX.proto.event_pb2 import Event
+    scalars = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        while data:
+            n = int.from_bytes(data[:8], "little")
+            event = Event.FromString(data[12:12 + n])
+            data = data[16 + n:]
+            for v in event.summary.value:
+                scalars[(v.tag, event.step)] = v.simple_value
+    return scalars
+
+
+def test_tensorboard_events_match_metrics(corpus, tmp_path):
+    pytest.importorskip("tensorboardX")
+    cfg = load_config(None, TINY + [f"data.path={corpus}", "train.steps=4", "train.log_every=2",
+                                    "train.eval_every=4", "train.eval_steps=1"])
+    train(cfg, tmp_path, progress=False)
+    scalars = _event_scalars(tmp_path / "tensorboard")
+    for step, value in _rows(tmp_path, "loss").items():
+        assert scalars[("loss", step)] == pytest.approx(value, rel=1e-6)
+    assert ("eval_loss", 4) in scalars

@@ -54,14 +54,26 @@ def evaluate(eval_step, params, data: Dataset, cfg: RunConfig, mesh, rules) -> f
     return float(np.mean(jax.device_get(losses))) if losses else float("nan")
 
 
+def _tensorboard(run_dir: pathlib.Path):
+    """A TensorBoard event writer in run_dir/tensorboard when tensorboardX is installed
+    (`pip install headwise[tensorboard]`), else None."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(logdir=str(run_dir / "tensorboard"))
+
+
 class MetricsLog:
-    """metrics.jsonl (one object per row) and loss.png, in the run dir. Rows past the step a run
-    resumes from (written after its last checkpoint) are dropped, so the log matches the state."""
+    """metrics.jsonl (one object per row), loss.png and TensorBoard events, in the run dir. Rows
+    past the step a run resumes from (written after its last checkpoint) are dropped, so the log
+    matches the state."""
 
     def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True):
         self.path, self.plot, self.enabled = run_dir / "metrics.jsonl", run_dir / "loss.png", enabled
         lines = self.path.read_text().splitlines() if self.path.exists() else []
         self.rows = [r for r in map(json.loads, lines) if r["step"] <= start_step]
+        self.events = _tensorboard(run_dir) if enabled else None
         if enabled:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
@@ -71,6 +83,14 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.events is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self.events.add_scalar(name, value, row["step"])
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
     def draw(self) -> None:
         if not self.enabled:
@@ -188,6 +208,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     bar.close()
     if "eval_loss" not in summary:  # the run had already finished
         summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
+    log.close()
     manager.wait_until_finished()
     manager.close()
     summary.update(step=int(state["step"]), params=state["params"], data=data)
