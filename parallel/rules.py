@@ -39,14 +39,21 @@ def strategy_for(mesh: jax.sharding.Mesh) -> str:
     return "fsdp" if fsdp else "tp" if tensor else "dp"
 
 
-def get_rules(strategy: str, mesh: jax.sharding.Mesh | None = None):
-    """The rules table of a named strategy ('auto' needs the mesh)."""
-    if strategy == "auto" and mesh is not None:
-        strategy = strategy_for(mesh)
+def get_rules(strategy: str):
+    """The rules table of a named strategy."""
     if strategy not in RULES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of: "
                          f"{', '.join(RULES)}")
     return RULES[strategy]
+
+
+def resolve(mesh_cfg, mesh: jax.sharding.Mesh) -> tuple[tuple, str]:
+    """(rules table, its name) from a MeshConfig: its own `rules`, else its named strategy,
+    'auto' meaning the one that uses exactly the mesh axes larger than 1."""
+    if mesh_cfg.rules:
+        return tuple(mesh_cfg.rules), "the config's rules"
+    name = strategy_for(mesh) if mesh_cfg.strategy == "auto" else mesh_cfg.strategy
+    return get_rules(name), name
 
 
 def as_rules(rules):

@@ -82,7 +82,7 @@ def test_restore_onto_another_mesh(corpus, one_device, tmp_path):
     from headwise.model import param_axes
     other = _config(corpus, "fsdp=2,tensor=4")
     mesh = parallel.make_mesh(other.mesh)
-    rules = parallel.get_rules("auto", mesh)
+    rules, _ = parallel.resolve(other.mesh, mesh)
     optimizer = make_optimizer(other.optim, other.train.steps, param_axes(other.model))
     manager = checkpoint.open_manager(tmp_path, keep=5)
     from headwise.train.loop import initial_state

@@ -42,10 +42,8 @@ def _shardings(args) -> None:
     from headwise.parallel.table import shardings_table
     cfg = _run_config(args)
     mesh = parallel.make_mesh(cfg.mesh)
-    rules = cfg.mesh.rules or parallel.get_rules(cfg.mesh.strategy, mesh)
+    rules, strategy = parallel.resolve(cfg.mesh, mesh)
     parallel.check_divisible(cfg.model, mesh, rules, cfg.train.batch_size, cfg.train.grad_accum)
-    strategy = ("your rules" if cfg.mesh.rules else parallel.strategy_for(mesh)
-                if cfg.mesh.strategy == "auto" else cfg.mesh.strategy)
     print(shardings_table(cfg.model, mesh, rules, strategy))
 
 
@@ -112,6 +110,21 @@ def _sample(args) -> None:
         print(tokenizer.decode(new)[len(shown):])
 
 
+def _import_hf(args) -> None:
+    from .hf import import_run
+    done = import_run(args.gpt2, args.out)
+    cfg = done["model"]
+    print(f"imported GPT-2 ({cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}) "
+          f"into {done['run_dir']}" + ("" if done["tokenizer"] else " (no tokenizer in the folder)"))
+    print(f"sample:    headwise sample --run-dir {args.out} --prompt 'Hello'\n"
+          f"fine-tune: headwise train --config {args.out}/config.toml --run-dir {args.out}")
+
+
+def _export_hf(args) -> None:
+    from .hf import export_run
+    print(f"wrote GPT-2 (Hugging Face layout) to {export_run(args.run_dir, args.out)}")
+
+
 def _start(args) -> None:
     """Devices and processes, before anything touches a device."""
     from headwise.parallel.launch import simulate_cpu_devices, start_distributed
@@ -167,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(run=_sample)
+
+    import_hf = commands.add_parser("import-hf", help="a run directory from a local GPT-2 folder "
+                                    "(config.json + model.safetensors)")
+    import_hf.add_argument("--gpt2", required=True, metavar="LOCAL_DIR")
+    import_hf.add_argument("--out", required=True, metavar="RUN_DIR")
+    import_hf.set_defaults(run=_import_hf)
+    export_hf = commands.add_parser("export-hf", help="a run's weights as a GPT-2 folder that "
+                                    "transformers' GPT2LMHeadModel.from_pretrained reads")
+    export_hf.add_argument("--run-dir", required=True)
+    export_hf.add_argument("--out", required=True, metavar="LOCAL_DIR")
+    export_hf.set_defaults(run=_export_hf)
     return parser
 
 

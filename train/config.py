@@ -44,13 +44,13 @@ class OptimConfig:
 class TrainConfig:
     """How long, how big, and how often to log, evaluate and save."""
 
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 16  # global sequences per step, all micro-batches together
     grad_accum: int = 1  # micro-batches per step
-    eval_every: int = 200
+    eval_every: int = 300
     eval_steps: int = 20
     log_every: int = 10
-    checkpoint_every: int = 400
+    checkpoint_every: int = 600
     keep_checkpoints: int = 2
     seed: int = 0
     peak_flops: float = 0.0  # per device, for MFU; 0 = a guess from the device kind

@@ -148,7 +148,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     run_dir = pathlib.Path(run_dir).absolute()
     t, steps = cfg.train, cfg.train.steps
     mesh = parallel.make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rules or parallel.get_rules(cfg.mesh.strategy, mesh)
+    rules, strategy = parallel.resolve(cfg.mesh, mesh)
     parallel.check_divisible(cfg.model, mesh, rules, t.batch_size, t.grad_accum)
     data = prepare(cfg, run_dir)
     lead = jax.process_index() == 0  # only the first process prints and writes logs
@@ -156,8 +156,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     say = tqdm.write if progress else (lambda s: None)
     say(f"data: {data.description}; corpus hash {data.corpus_hash}")
     say(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} "
-        f"device(s), {jax.process_count()} process(es), strategy {cfg.mesh.strategy}"
-        + (f" ({parallel.strategy_for(mesh)})" if cfg.mesh.strategy == "auto" else ""))
+        f"device(s), {jax.process_count()} process(es), strategy {strategy}")
     optimizer = make_optimizer(cfg.optim, steps, param_axes(cfg.model))
     train_step = parallel.make_sharded_train_step(
         cfg.model, optimizer, learning_rate(cfg.optim, steps), mesh, rules, t.grad_accum)
