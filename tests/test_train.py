@@ -173,3 +173,16 @@ def test_tensorboard_events_match_metrics(corpus, tmp_path):
     for step, value in _rows(tmp_path, "loss").items():
         assert scalars[("loss", step)] == pytest.approx(value, rel=1e-6)
     assert ("eval_loss", 4) in scalars
+
+
+def test_cli_resumes_with_the_runs_own_config(corpus, tmp_path, capsys):
+    from headwise.train.cli import main
+    run = str(tmp_path / "run")
+    assert main(["train", "--run-dir", run, "--set", *TINY, f"data.path={corpus}",
+                 "train.steps=4", "train.eval_every=4", "train.eval_steps=1"]) == 0
+    # Again, asking only for more steps: the model, data and the rest come from run/config.toml.
+    assert main(["train", "--run-dir", run, "--set", "train.steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "after 6 steps" in out
+    assert list(_rows(run, "loss")) == [4, 6]  # logged at the end of each run
+    assert load_config(f"{run}/config.toml").model.d_model == 24

@@ -31,9 +31,14 @@ def _mesh_overrides(text: str | None) -> list[str]:
     return [f"mesh.{k}={v if k != 'strategy' else repr(v)}" for k, v in axes.items()]
 
 
-def _run_config(args):
+def _run_config(args, run_dir: pathlib.Path | None = None):
+    """--config (else the run dir's own config.toml, so a run resumes as it was started),
+    then --set and --mesh."""
     from .config import load_config
-    return load_config(args.config, [p for group in args.set for p in group]
+    config = args.config
+    if config is None and run_dir is not None and (run_dir / "config.toml").is_file():
+        config = str(run_dir / "config.toml")
+    return load_config(config, [p for group in args.set for p in group]
                        + _mesh_overrides(args.mesh))
 
 
@@ -50,8 +55,8 @@ def _shardings(args) -> None:
 def _train(args) -> None:
     import jax
     from .loop import sample_text, train
-    cfg = _run_config(args)
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
+    cfg = _run_config(args, run_dir)
     print(f"run dir: {run_dir}  (run again with --run-dir {run_dir} to resume)")
     started = time.perf_counter()
     result = train(cfg, run_dir)
@@ -117,7 +122,7 @@ def _import_hf(args) -> None:
     print(f"imported GPT-2 ({cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}) "
           f"into {done['run_dir']}" + ("" if done["tokenizer"] else " (no tokenizer in the folder)"))
     print(f"sample:    headwise sample --run-dir {args.out} --prompt 'Hello'\n"
-          f"fine-tune: headwise train --config {args.out}/config.toml --run-dir {args.out}")
+          f"fine-tune: headwise train --run-dir {args.out} [--set train.steps=... optim.lr=...]")
 
 
 def _export_hf(args) -> None:

@@ -304,7 +304,7 @@ def tokenizer_spec(hf_dir) -> str | None:
 def import_run(hf_dir, run_dir, *, seed: int = 0) -> dict:
     """A run directory from a GPT-2 folder: a step-0 checkpoint (params + a fresh AdamW state
     for the default optimizer config), config.toml, and the tokenizer if the folder has one.
-    `headwise train --config RUN_DIR/config.toml --run-dir RUN_DIR` fine-tunes from it."""
+    `headwise train --run-dir RUN_DIR` fine-tunes from it."""
     import jax
     from headwise.model import param_axes
     from . import checkpoint
