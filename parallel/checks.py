@@ -77,6 +77,16 @@ def check_batch_divisible(mesh: jax.sharding.Mesh, rules, batch_size: int,
             f"batch_size a multiple of {n * grad_accum}")
 
 
+def check_processes(mesh: jax.sharding.Mesh, rules, batch_size: int) -> None:
+    """Each process loads its own contiguous rows of the batch, so the batch-sharded devices
+    (and the batch) must split evenly over the processes."""
+    n, p = batch_devices(mesh, rules), jax.process_count()
+    if n % p or batch_size % p:
+        raise ValueError(f"{p} processes cannot each feed their own rows: train.batch_size="
+                         f"{batch_size} and the {n} batch-sharded devices must both divide by "
+                         f"{p}; shard the batch over more devices (mesh.data or mesh.fsdp)")
+
+
 def check_divisible(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules, batch_size: int | None = None,
                     grad_accum: int = 1) -> None:
     """All of the above: call it before compiling anything."""
@@ -84,3 +94,4 @@ def check_divisible(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules, batch_size
     check_params_divisible(cfg, mesh, rules)
     if batch_size is not None:
         check_batch_divisible(mesh, rules, batch_size, grad_accum)
+        check_processes(mesh, rules, batch_size)

@@ -14,6 +14,8 @@ def simulate_cpu_devices(n: int) -> None:
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
+    if value is not None and not value.strip().isdigit():
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return None if value is None else int(value)
 
 
@@ -29,8 +31,10 @@ def start_distributed(coordinator: str | None = None, num_processes: int | None 
         if num_processes is not None or process_id is not None:
             raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
         return False
-    if coordinator is not None and (num_processes is None or process_id is None):
-        raise ValueError("--coordinator needs --num-processes N and --process-id I as well")
+    if (num_processes is None) != (process_id is None) or (
+            coordinator is not None and num_processes is None):
+        raise ValueError("give --num-processes N and --process-id I together (or JAX_NUM_PROCESSES "
+                         "and JAX_PROCESS_ID), and both with --coordinator HOST:PORT")
     if num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

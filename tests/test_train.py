@@ -118,6 +118,10 @@ def test_decay_applies_only_where_masked():
     (["model.preset=gpt5"], "unknown model preset"),
     (["train.batch_size=6", "train.grad_accum=4"], "train.grad_accum"),
     (["nope.x=1"], "unknown section"),
+    (["optim.lr=1e-3", "optim.min_lr=1e-2"], "optim.min_lr"),
+    (["mesh.rules=[['batch', 'data']]", "mesh.strategy='dp'"], "mesh.rules"),
+    (["mesh.rules=[['batch', 'gpu']]"], "mesh.rules"),
+    (["mesh.strategy='zero3'"], "unknown mesh.strategy"),
     (["train.steps"], "section.key=value"),
 ])
 def test_bad_config_raises(override, match):
@@ -186,3 +190,19 @@ def test_cli_resumes_with_the_runs_own_config(corpus, tmp_path, capsys):
     assert "after 6 steps" in out
     assert list(_rows(run, "loss")) == [4, 6]  # logged at the end of each run
     assert load_config(f"{run}/config.toml").model.d_model == 24
+
+
+@pytest.mark.parametrize("kwargs, env, match", [
+    (dict(num_processes=2), {}, "--process-id"),
+    (dict(coordinator="localhost:1"), {}, "--num-processes"),
+    (dict(coordinator="localhost:1", num_processes=2, process_id=2), {}, r"\[0, 2\)"),
+    (dict(auto=True), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES"),
+])
+def test_bad_multi_host_settings_raise(kwargs, env, match, monkeypatch):
+    from headwise.parallel.launch import start_distributed
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=match):
+        start_distributed(**kwargs)

@@ -55,6 +55,9 @@ def _shardings(args) -> None:
 def _train(args) -> None:
     import jax
     from .loop import sample_text, train
+    if not args.run_dir and jax.process_count() > 1:
+        raise ValueError("a multi-process run needs --run-dir: every process must write the "
+                         "same checkpoints, on a file system they all see")
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
     cfg = _run_config(args, run_dir)
     print(f"run dir: {run_dir}  (run again with --run-dir {run_dir} to resume)")
@@ -64,7 +67,8 @@ def _train(args) -> None:
     if jax.process_index():
         return
     if cfg.train.sample_tokens and result["data"].tokenizer is not None and jax.process_count() == 1:
-        text = sample_text(result["params"], cfg, result["data"], "\n", cfg.train.sample_tokens,
+        prompt = result["data"].tokenizer.decode([int(result["data"].val[0])])
+        text = sample_text(result["params"], cfg, result["data"], prompt, cfg.train.sample_tokens,
                            temperature=0.8, top_k=40)
         print(f"\n--- sample ---\n{text}\n--------------")
     if "initial_eval_loss" in result:

@@ -35,6 +35,9 @@ class OptimConfig:
     def __post_init__(self):
         _check_positive("optim", self, ("lr",))
         _check_positive("optim", self, ("min_lr", "warmup_steps", "weight_decay", "grad_clip"), True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}: the decay "
+                             f"would rise; make min_lr <= lr")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -86,6 +89,9 @@ class MeshConfig:
         if self.strategy not in ("auto", *RULES):
             raise ValueError(f"unknown mesh.strategy {self.strategy!r}; choose one of: auto, "
                              f"{', '.join(RULES)}, or give mesh.rules")
+        if self.rules and self.strategy != "auto":
+            raise ValueError(f"mesh.rules and mesh.strategy={self.strategy!r} both choose the "
+                             f"sharding; give one of them")
         object.__setattr__(self, "rules", tuple(_rule(r) for r in self.rules))
 
 
@@ -192,10 +198,6 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> R
 def to_dict(cfg: RunConfig) -> dict:
     """Every field, resolved (a preset becomes its fields): what config.toml and checkpoints hold."""
     return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
-
-
-def from_dict(raw: dict) -> RunConfig:
-    return RunConfig(**{s: _build_section(s, raw.get(s, {})) for s in SECTIONS})
 
 
 def write_config(cfg: RunConfig, path: pathlib.Path) -> None:

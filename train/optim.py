@@ -31,6 +31,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, axes_tree: dict):
     """The optax transformation for a parameter tree whose logical axes are `axes_tree`."""
     adamw = optax.adamw(learning_rate(cfg, total_steps), b1=cfg.beta1, b2=cfg.beta2,
                         weight_decay=cfg.weight_decay, mask=decay_mask(axes_tree))
-    if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+    # Always the same chain (clip at infinity when off): the optimizer state keeps one
+    # structure, so a run resumes whatever grad_clip it is given.
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip or float("inf")), adamw)

@@ -15,8 +15,10 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, key: jax.A
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
-    """[B, T] -> [k, B/k, T]: k micro-batches to accumulate over."""
-    return jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch)
+    """[B, T] -> [k, B/k, T]: micro-batch i takes rows i, i+k, i+2k ..., so a batch sharded by
+    rows keeps every device's rows on that device in every micro-batch."""
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1),
+                        batch)
 
 
 def loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, grad_accum: int = 1):
@@ -55,9 +57,3 @@ def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1, 
     step = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                              grad_accum=grad_accum)
     return jax.jit(step, donate_argnums=0, **jit_kwargs)
-
-
-def make_eval_step(cfg: ModelConfig, **jit_kwargs):
-    """Mean next-token loss of a batch, jitted."""
-    return jax.jit(lambda params, batch: loss(params, batch["inputs"], batch["targets"], cfg),
-                   **jit_kwargs)
