@@ -143,6 +143,25 @@ def prepare(cfg: RunConfig, run_dir: pathlib.Path):
     return data
 
 
+class Speedometer:
+    """Tokens/s and MFU between two log points, leaving out compilation and evaluation."""
+
+    def __init__(self, tokens_per_step: int, peak_fraction_per_step: float, step: int):
+        self.tokens, self.flops = tokens_per_step, peak_fraction_per_step
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.clock, self.step = time.perf_counter(), step
+
+    def exclude(self, seconds: float) -> None:
+        self.clock += seconds
+
+    def read(self, step: int) -> dict:
+        seconds, n = time.perf_counter() - self.clock, step - self.step
+        self.restart(step)
+        return {"tokens_per_s": self.tokens * n / seconds, "mfu": self.flops * n / seconds}
+
+
 def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
           devices=None) -> dict:
     """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
@@ -155,8 +174,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     parallel.check_divisible(cfg.model, mesh, rules, t.batch_size, t.grad_accum)
     data = prepare(cfg, run_dir)
     lead = jax.process_index() == 0  # only the first process prints and writes logs
-    progress = progress and lead
-    say = tqdm.write if progress else (lambda s: None)
+    say = tqdm.write if progress and lead else (lambda s: None)
     say(f"data: {data.description}; corpus hash {data.corpus_hash}")
     say(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} "
         f"device(s), {jax.process_count()} process(es), strategy {strategy}")
@@ -170,46 +188,42 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     if start:
         say(f"resumed from step {start} in {run_dir}")
     log = MetricsLog(run_dir, start, enabled=lead)
-    tokens_per_step = t.batch_size * cfg.model.context_length
-    flops = flops_per_token(cfg.model) * tokens_per_step / (peak_flops(cfg) * mesh.size)
-    baseline = unigram_loss(data.train, data.vocab_size)
-    summary = {"unigram_loss": baseline, "start_step": start}
+    summary = {"unigram_loss": unigram_loss(data.train, data.vocab_size), "start_step": start}
+
+    def run_eval(step: int) -> float:
+        value = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
+        log.write({"step": step, "eval_loss": value})
+        log.draw()
+        say(f"step {step}: validation loss {value:.4f} "
+            f"(unigram baseline {summary['unigram_loss']:.4f})")
+        return value
+
     if start == 0:
-        summary["initial_eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
-        log.write({"step": 0, "eval_loss": summary["initial_eval_loss"]})
-        say(f"step 0: validation loss {summary['initial_eval_loss']:.4f} "
-            f"(unigram baseline {baseline:.4f})")
+        summary["initial_eval_loss"] = run_eval(0)
+    tokens_per_step = t.batch_size * cfg.model.context_length
+    speed = Speedometer(tokens_per_step, flops_per_token(cfg.model) * tokens_per_step
+                        / (peak_flops(cfg) * mesh.size), start)
     last = steps if stop_at is None else min(stop_at, steps)
-    bar = tqdm(range(start, last), initial=start, total=steps, disable=not progress,
+    bar = tqdm(range(start, last), initial=start, total=steps, disable=not (progress and lead),
                desc="train", unit="step", dynamic_ncols=True)
-    clock, clock_step = time.perf_counter(), start
     for step in bar:
-        batch = _global_batch(data.train, cfg, step, t.seed, mesh, rules)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, _global_batch(data.train, cfg, step, t.seed, mesh, rules))
         done = step + 1
         if step == start:  # leave compilation out of tokens/s
             jax.block_until_ready(metrics)
-            clock, clock_step = time.perf_counter(), done
+            speed.restart(done)
         if done % t.log_every == 0 or done == steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            seconds = time.perf_counter() - clock
-            metrics["tokens_per_s"] = tokens_per_step * (done - clock_step) / seconds
-            metrics["mfu"] = flops * (done - clock_step) / seconds
-            clock, clock_step = time.perf_counter(), done
-            log.write({"step": done, **metrics})
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+            row = {k: float(v) for k, v in jax.device_get(metrics).items()} | speed.read(done)
+            log.write({"step": done, **row})
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
         if done % t.eval_every == 0 or done == steps:
-            eval_started = time.perf_counter()
-            summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
-            log.write({"step": done, "eval_loss": summary["eval_loss"]})
-            log.draw()
-            say(f"step {done}: validation loss {summary['eval_loss']:.4f} "
-                f"(unigram baseline {baseline:.4f})")
-            clock += time.perf_counter() - eval_started  # do not charge evaluation to tokens/s
+            started = time.perf_counter()
+            summary["eval_loss"] = run_eval(done)
+            speed.exclude(time.perf_counter() - started)
         if done % t.checkpoint_every == 0 or done == last:
             checkpoint.save(manager, done, state, to_dict(cfg))
     bar.close()
-    if "eval_loss" not in summary:  # the run had already finished
+    if "eval_loss" not in summary:  # stopped early, or the run had already finished
         summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
     log.close()
     manager.wait_until_finished()
