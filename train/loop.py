@@ -71,8 +71,10 @@ class MetricsLog:
     past the step a run resumes from (written after its last checkpoint) are dropped, so the log
     matches the state."""
 
-    def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True,
+                 baseline: float | None = None):
         self.path, self.plot, self.enabled = run_dir / "metrics.jsonl", run_dir / "loss.png", enabled
+        self.baseline = baseline
         self.rows, self.events = [], None
         if enabled:  # other processes neither read nor write it
             lines = self.path.read_text().splitlines() if self.path.exists() else []
@@ -107,6 +109,8 @@ class MetricsLog:
         for points, label in ((train, "train"), (evals, "validation")):
             if points:
                 ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+        if self.baseline is not None:
+            ax.axhline(self.baseline, color="gray", linestyle="--", label="unigram baseline")
         ax.set(xlabel="step", ylabel="loss (nats/token)", title="headwise training")
         ax.legend()
         fig.savefig(self.plot, dpi=100, bbox_inches="tight")
@@ -187,8 +191,8 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     start = int(state["step"])
     if start:
         say(f"resumed from step {start} in {run_dir}")
-    log = MetricsLog(run_dir, start, enabled=lead)
     summary = {"unigram_loss": unigram_loss(data.train, data.vocab_size), "start_step": start}
+    log = MetricsLog(run_dir, start, enabled=lead, baseline=summary["unigram_loss"])
 
     def run_eval(step: int) -> float:
         value = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
