@@ -167,6 +167,15 @@ def attend_dot_product(q_BTNH, k_BSNH, v_BSNH, mask_BTS, is_causal: bool):
     return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BTS[:, None])
 
 
+def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
+    """Every head's output through its rows of the output matrix (value_up), summed over heads,
+    plus the output bias: the change the layer adds to the residual stream."""
+    B, T, N, H = out_BTNH.shape
+    delta = out_BTNH.reshape(B * T, N * H) @ layer["value_up"].reshape(N * H, -1)
+    delta = delta.reshape(B, T, -1)
+    return delta + layer["output_bias"] if "output_bias" in layer else delta
+
+
 def _mask(T: int, S: int, causal: bool, mask) -> jax.Array:
     """The causal mask combined with a caller's mask (anything broadcasting to [T, S])."""
     allowed = causal_mask(T, S) if causal else jnp.ones((T, S), bool)
@@ -186,6 +195,8 @@ def attention_layer(layer: dict, x: jax.Array, cfg: ModelConfig, *, causal: bool
     if cfg.attention == "reference":
         delta, patterns = multi_head_attention(heads_view(layer), x, full_mask, source,
                                                rope_theta=theta)
+        if "output_bias" in layer:
+            delta = delta + layer["output_bias"]
     else:
         q, k, v = project_qkv(layer, x, source)
         if theta is not None:
@@ -200,9 +211,5 @@ def attention_layer(layer: dict, x: jax.Array, cfg: ModelConfig, *, causal: bool
         else:
             plain_causal = causal and mask is None and T == S
             out_BTNH = attend_dot_product(q, k, v, mask_BTS, plain_causal)
-        B, _, N, H = out_BTNH.shape
-        delta = out_BTNH.reshape(B * T, N * H) @ layer["value_up"].reshape(N * H, -1)
-        delta = delta.reshape(B, T, -1)
-    if "output_bias" in layer:
-        delta = delta + layer["output_bias"]
+        delta = heads_to_residual(layer, out_BTNH)
     return delta, (patterns if return_patterns else None)

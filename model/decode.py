@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention import (attend_chunked, attend_dot_product, attend_fused, attention_pattern,
-                        attention_scores, project_qkv, rope)
+                        attention_scores, heads_to_residual, project_qkv, rope)
 from .config import ModelConfig
 from .sampling import sample_token
 from .transformer import _cast, mlp, norm, unembed
@@ -68,12 +68,7 @@ def _layer(x_BTD, layer, k_BSNH, v_BSNH, starts_B, mask_BTS, cfg):
         q, k = rope(q, positions_BT1, cfg.rope_theta), rope(k, positions_BT1, cfg.rope_theta)
     k_BSNH, v_BSNH = _write(k_BSNH, k, starts_B), _write(v_BSNH, v, starts_B)
     out_BTNH = attend(q, k_BSNH, v_BSNH, mask_BTS, cfg)
-    B, T, N, H = out_BTNH.shape
-    delta = out_BTNH.reshape(B * T, N * H) @ layer["attention"]["value_up"].reshape(N * H, -1)
-    delta = delta.reshape(B, T, -1)
-    if "output_bias" in layer["attention"]:
-        delta = delta + layer["attention"]["output_bias"]
-    x_BTD = x_BTD + delta
+    x_BTD = x_BTD + heads_to_residual(layer["attention"], out_BTNH)
     x_BTD = x_BTD + mlp(layer["mlp"], norm(layer["mlp_norm"], x_BTD, cfg), cfg)
     return x_BTD, k_BSNH, v_BSNH
 
