@@ -10,6 +10,7 @@ import numpy as np
 from .attention import (attend_chunked, attend_dot_product, attend_fused, attention_pattern,
                         attention_scores, heads_to_residual, project_qkv, rope)
 from .config import ModelConfig
+from .logical import constrain
 from .sampling import sample_token
 from .transformer import _cast, mlp, norm, unembed
 
@@ -18,10 +19,13 @@ from .transformer import _cast, mlp, norm, unembed
 # with C = context_length, fixed, so the decode step has one shape for the whole generation.
 
 
+CACHE_AXES = ("layers", "batch", None, "heads", "head_dim")  # split like the activations
+
+
 def init_cache(cfg: ModelConfig, batch: int) -> dict:
     """An empty cache: keys and values of every layer, [L, B, context_length, N, H]."""
     shape = (cfg.n_layers, batch, cfg.context_length, cfg.n_heads, cfg.d_head)
-    return {"key": jnp.zeros(shape, cfg.dtype), "value": jnp.zeros(shape, cfg.dtype)}
+    return {name: constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for name in ("key", "value")}
 
 
 def embed_at(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array,
@@ -66,11 +70,12 @@ def _layer(x_BTD, layer, k_BSNH, v_BSNH, starts_B, mask_BTS, cfg):
     if cfg.position == "rope":
         positions_BT1 = (starts_B[:, None] + jnp.arange(x_BTD.shape[1]))[..., None]
         q, k = rope(q, positions_BT1, cfg.rope_theta), rope(k, positions_BT1, cfg.rope_theta)
-    k_BSNH, v_BSNH = _write(k_BSNH, k, starts_B), _write(v_BSNH, v, starts_B)
+    k_BSNH, v_BSNH = (constrain(_write(c, new, starts_B), CACHE_AXES[1:])
+                      for c, new in ((k_BSNH, k), (v_BSNH, v)))
     out_BTNH = attend(q, k_BSNH, v_BSNH, mask_BTS, cfg)
     x_BTD = x_BTD + heads_to_residual(layer["attention"], out_BTNH)
     x_BTD = x_BTD + mlp(layer["mlp"], norm(layer["mlp_norm"], x_BTD, cfg), cfg)
-    return x_BTD, k_BSNH, v_BSNH
+    return constrain(x_BTD, ("batch", "seq", "embed")), k_BSNH, v_BSNH
 
 
 def extend(params: dict, cache: dict, tokens_BT: jax.Array, starts_B: jax.Array,

@@ -158,3 +158,26 @@ def test_decode_step_compiles_once_and_sliding_goes_past_the_context():
     assert new[:first] == decode.generate(params, cfg, [prompt] * 3, first, temperature=0.0)[0]
     window = (prompt + new[:first])[-8:]
     assert new[first:] == decode.generate(params, cfg, [window] * 3, 20 - first, temperature=0.0)[0]
+
+
+@pytest.mark.parametrize("mesh_axes", [dict(data=2, tensor=4), dict(fsdp=8)])
+def test_sharded_generation_matches_one_device(mesh_axes):
+    """Params sharded, the cache split over batch and whole heads: the same greedy tokens."""
+    from headwise import parallel
+    from headwise.train.config import MeshConfig
+    cfg = ModelConfig.preset("tiny", n_heads=4, d_model=32, d_mlp=64, vocab_size=64,
+                             attention="fused")
+    mesh = parallel.make_mesh(MeshConfig(**{"data": 1, **mesh_axes}))
+    rules, _ = parallel.resolve(MeshConfig(**{"data": 1, **mesh_axes}), mesh)
+    params = parallel.init_sharded(cfg, jax.random.key(0), mesh, rules)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    plain = decode.generate(jax.device_get(params), cfg, prompts, 6, temperature=0.0)
+    assert parallel.generate_sharded(params, cfg, prompts, 6, mesh, rules, temperature=0.0) == plain
+    # The cache is laid out as the rules say for activations: batch rows and whole heads split.
+    import flax.linen as nn
+    with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
+        padded = prompts + prompts[:1] * (-len(prompts) % parallel.batch_devices(mesh, rules))
+        _, cache = decode._first(params, *decode._pad(padded, cfg), cfg=cfg)
+    spec = tuple(cache["key"].sharding.spec) + (None,) * 5  # trailing Nones are left out
+    assert spec[1] is not None  # batch
+    assert spec[3] == ("tensor" if mesh_axes.get("tensor") else None)  # heads
