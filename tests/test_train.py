@@ -206,3 +206,33 @@ def test_bad_multi_host_settings_raise(kwargs, env, match, monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=match):
         start_distributed(**kwargs)
+
+
+def test_ctrl_c_saves_and_stops_cleanly(corpus, tmp_path):
+    """SIGINT mid-run: the step in flight finishes, a checkpoint is written, the exit is clean."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    env = dict(os.environ, XLA_FLAGS="")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headwise.train.cli", "train", "--devices", "1", "--run-dir", str(run),
+         "--set", *TINY, f"data.path={corpus}", "train.steps=100000", "train.log_every=1",
+         "train.eval_every=100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and
+                                          len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped at step" in out
+    last = max(_rows(run, "loss"))
+    assert 3 <= last < 100000
+    manager = checkpoint.open_manager(run)
+    assert checkpoint.latest_step(manager) == last
+    manager.close()

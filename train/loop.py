@@ -1,7 +1,8 @@
 """The training loop: data, state (fresh or resumed), steps, evals, logs, checkpoints, a sample."""
 import json
-import math
 import pathlib
+import signal
+import threading
 import time
 
 import jax
@@ -166,6 +167,27 @@ class Speedometer:
         return {"tokens_per_s": self.tokens * n / seconds, "mfu": self.flops * n / seconds}
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM (a pre-empted job) asks the loop to stop after the current step, save
+    and return, rather than dying mid-step. One process only: in a multi-process run each
+    process would stop at a different step, so there the signals keep their usual meaning."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame):
+        if self.requested:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
           devices=None) -> dict:
     """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
@@ -210,22 +232,31 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     last = steps if stop_at is None else min(stop_at, steps)
     bar = tqdm(range(start, last), initial=start, total=steps, disable=not (progress and lead),
                desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        state, metrics = train_step(state, _global_batch(data.train, cfg, step, t.seed, mesh, rules))
-        done = step + 1
-        if step == start:  # leave compilation out of tokens/s
-            jax.block_until_ready(metrics)
-            speed.restart(done)
-        if done % t.log_every == 0 or done == steps:
-            row = {k: float(v) for k, v in jax.device_get(metrics).items()} | speed.read(done)
-            log.write({"step": done, **row})
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-        if done % t.eval_every == 0 or done == steps:
-            started = time.perf_counter()
-            summary["eval_loss"] = run_eval(done)
-            speed.exclude(time.perf_counter() - started)
-        if done % t.checkpoint_every == 0 or done == last:
-            checkpoint.save(manager, done, state, to_dict(cfg))
+    stop = StopRequest()
+    try:
+        for step in bar:
+            batch = _global_batch(data.train, cfg, step, t.seed, mesh, rules)
+            state, metrics = train_step(state, batch)
+            done = step + 1
+            if step == start:  # leave compilation out of tokens/s
+                jax.block_until_ready(metrics)
+                speed.restart(done)
+            if done % t.log_every == 0 or done == steps:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()} | speed.read(done)
+                log.write({"step": done, **row})
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+            if done % t.eval_every == 0 or done == steps:
+                started = time.perf_counter()
+                summary["eval_loss"] = run_eval(done)
+                speed.exclude(time.perf_counter() - started)
+            if done % t.checkpoint_every == 0 or done == last or stop.requested:
+                checkpoint.save(manager, done, state, to_dict(cfg))
+            if stop.requested:
+                say(f"stopped at step {done}, checkpoint saved: run again with the same --run-dir "
+                    f"to resume")
+                break
+    finally:
+        stop.restore()
     bar.close()
     if "eval_loss" not in summary:  # stopped early, or the run had already finished
         summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
