@@ -203,3 +203,15 @@ def test_specs_are_the_single_source():
     params = init_params(cfg, jax.random.key(0))
     assert jax.tree.structure(params) == jax.tree.structure(
         jax.tree.map(lambda s: 0, specs, is_leaf=lambda x: hasattr(x, "init")))
+
+
+@pytest.mark.parametrize("path", PATHS[1:])
+def test_gradients_of_every_path_match_reference(path):
+    """Training runs through the backward pass too: each path's gradients equal the reference's."""
+    cfg = ModelConfig.preset("tiny", attention=path, attention_chunk=5, position="rope")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    grad = lambda c: jax.grad(loss)(params, tokens, tokens, c)
+    expected = grad(dataclasses.replace(cfg, attention="reference"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                 grad(cfg), expected)
