@@ -1,4 +1,6 @@
 """Attention as the explanation tells it (one head, then many), plus the fast batched paths."""
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -125,38 +127,115 @@ def attend_fused(q_BTNH, k_BSNH, v_BSNH, mask_BTS):
     return out_BTNH, pattern_BNTS
 
 
-def attend_chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk: int):
-    """Keys in blocks of `chunk` with an online softmax (running max and sum), so no [T, S]
-    pattern is ever built: memory grows linearly with T."""
+def _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk: int):
+    """Keys and values cut into n blocks of `chunk` keys, the last padded: [n, B, C, N, H] each,
+    the blocks' first key positions [n], and the caller's mask (if any) likewise [n, B, T, C]."""
+    B, S, N, H = k_BSNH.shape
+    pad = -S % chunk
+    n = (S + pad) // chunk
+    k_BSNH, v_BSNH = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k_BSNH, v_BSNH))
+    if mask_BTS is not None:
+        mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, 0), (0, pad)))
+        mask_BTS = mask_BTS.reshape(B, -1, n, chunk).transpose(2, 0, 1, 3)
+    return (k_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1),
+            v_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1), jnp.arange(n) * chunk, mask_BTS)
+
+
+def _block_mask(start, T: int, S: int, chunk: int, causal: bool, mask_BTC):
+    """Which of one block's keys each query may read, built per block so that no [T, S] mask
+    exists: keys past S are padding; causal queries are the last T of the S positions."""
+    s_C = start + jnp.arange(chunk)
+    allowed_TC = jnp.broadcast_to(s_C < S, (T, chunk))
+    if causal:
+        allowed_TC = allowed_TC & (s_C[None, :] <= jnp.arange(T)[:, None] + (S - T))
+    return allowed_TC[None] if mask_BTC is None else allowed_TC[None] & mask_BTC
+
+
+def _block_scores(q_BTNH, k_BCNH):
+    return jnp.einsum("BTNH,BCNH->BNTC", q_BTNH, k_BCNH.astype(jnp.float32))
+
+
+def _block_probs(scores_BNTC, mask_BTC, shift_BNT):
+    """exp(score - shift) where allowed, exactly 0 where masked."""
+    return jnp.where(mask_BTC[:, None], jnp.exp(scores_BNTC - shift_BNT[..., None]), 0.0)
+
+
+def _chunked_forward(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal):
+    """(out_BNTH, logsumexp_BNT) with an online softmax (running max and sum) over key blocks.
+    `q_BTNH` is already scaled by 1/sqrt(H) and in f32."""
     B, T, N, H = q_BTNH.shape
     S = k_BSNH.shape[1]
-    chunk = min(chunk, S)
-    pad = -S % chunk
-    k_BSNH, v_BSNH = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k_BSNH, v_BSNH))
-    mask_BTS = jnp.pad(jnp.broadcast_to(mask_BTS, (B, T, S)), ((0, 0), (0, 0), (0, pad)))
-    n = (S + pad) // chunk
-    blocks = (k_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1),
-              v_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1),
-              mask_BTS.reshape(B, T, n, chunk).transpose(2, 0, 1, 3))
-    q_BTNH = q_BTNH.astype(jnp.float32) / jnp.sqrt(jnp.float32(H))
 
-    @jax.checkpoint  # recompute each block's scores in the backward pass instead of storing them
     def step(carry, block):
         max_BNT, sum_BNT, acc_BNTH = carry
-        k_BCNH, v_BCNH, mask_BTC = block
-        scores = jnp.einsum("BTNH,BCNH->BNTC", q_BTNH, k_BCNH.astype(jnp.float32))
-        scores = jnp.where(mask_BTC[:, None], scores, _MASKED)
-        new_max = jnp.maximum(max_BNT, scores.max(-1))
-        p_BNTC = jnp.where(mask_BTC[:, None], jnp.exp(scores - new_max[..., None]), 0.0)
+        k_BCNH, v_BCNH, start, mask_BTC = block
+        mask_BTC = _block_mask(start, T, S, chunk, causal, mask_BTC)
+        scores = _block_scores(q_BTNH, k_BCNH)
+        new_max = jnp.maximum(max_BNT, jnp.where(mask_BTC[:, None], scores, _MASKED).max(-1))
+        p_BNTC = _block_probs(scores, mask_BTC, new_max)
         rescale = jnp.exp(max_BNT - new_max)
         acc_BNTH = acc_BNTH * rescale[..., None] + jnp.einsum(
             "BNTC,BCNH->BNTH", p_BNTC, v_BCNH.astype(jnp.float32))
         return (new_max, sum_BNT * rescale + p_BNTC.sum(-1), acc_BNTH), None
 
     init = (jnp.full((B, N, T), _MASKED), jnp.zeros((B, N, T)), jnp.zeros((B, N, T, H)))
-    (_, sum_BNT, acc_BNTH), _ = jax.lax.scan(step, init, blocks)
+    (max_BNT, sum_BNT, acc_BNTH), _ = jax.lax.scan(
+        step, init, _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk))
     # A query with no allowed key gets a zero output rather than 0/0.
-    out_BNTH = acc_BNTH / jnp.where(sum_BNT == 0, 1.0, sum_BNT)[..., None]
+    empty = sum_BNT == 0
+    out_BNTH = acc_BNTH / jnp.where(empty, 1.0, sum_BNT)[..., None]
+    return out_BNTH, jnp.where(empty, 0.0, max_BNT + jnp.log(jnp.where(empty, 1.0, sum_BNT)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal):
+    return _chunked_forward(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal)[0]
+
+
+def _chunked_fwd(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal):
+    out_BNTH, lse_BNT = _chunked_forward(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal)
+    return out_BNTH, (q_BTNH, k_BSNH, v_BSNH, mask_BTS, out_BNTH, lse_BNT)
+
+
+def _chunked_bwd(chunk, causal, saved, dout_BNTH):
+    """The flash-attention backward: only the output and one logsumexp per query were saved;
+    each key block's pattern is recomputed, so the backward pass is linear in T as well."""
+    q_BTNH, k_BSNH, v_BSNH, mask_BTS, out_BNTH, lse_BNT = saved
+    T, S = q_BTNH.shape[1], k_BSNH.shape[1]
+    delta_BNT = (dout_BNTH * out_BNTH).sum(-1)
+
+    def step(dq_BTNH, block):
+        k_BCNH, v_BCNH, start, mask_BTC = block
+        mask_BTC = _block_mask(start, T, S, chunk, causal, mask_BTC)
+        p_BNTC = _block_probs(_block_scores(q_BTNH, k_BCNH), mask_BTC, lse_BNT)  # recomputed
+        dv_BCNH = jnp.einsum("BNTC,BNTH->BCNH", p_BNTC, dout_BNTH)
+        dp_BNTC = jnp.einsum("BNTH,BCNH->BNTC", dout_BNTH, v_BCNH.astype(jnp.float32))
+        ds_BNTC = p_BNTC * (dp_BNTC - delta_BNT[..., None])
+        dq_BTNH = dq_BTNH + jnp.einsum("BNTC,BCNH->BTNH", ds_BNTC, k_BCNH.astype(jnp.float32))
+        dk_BCNH = jnp.einsum("BNTC,BTNH->BCNH", ds_BNTC, q_BTNH)
+        return dq_BTNH, (dk_BCNH, dv_BCNH)
+
+    dq_BTNH, (dk_nBCNH, dv_nBCNH) = jax.lax.scan(
+        step, jnp.zeros_like(q_BTNH), _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk))
+    unblock = lambda d: d.swapaxes(0, 1).reshape(d.shape[1], -1, *d.shape[3:])[:, :S]
+    return (dq_BTNH, unblock(dk_nBCNH).astype(k_BSNH.dtype),
+            unblock(dv_nBCNH).astype(v_BSNH.dtype), None)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def attend_chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk: int, causal: bool = False):
+    """Keys in blocks of `chunk` with an online softmax, and a backward pass that recomputes
+    each block's pattern from a saved logsumexp (as flash attention does). With `causal` and no
+    `mask_BTS`, the mask is made block by block too: no [T, S] array exists, forward or
+    backward, so memory grows linearly with T."""
+    B, T, N, H = q_BTNH.shape
+    S = k_BSNH.shape[1]
+    q_BTNH = q_BTNH.astype(jnp.float32) / jnp.sqrt(jnp.float32(H))
+    if mask_BTS is not None:
+        mask_BTS = jnp.broadcast_to(mask_BTS, (B, T, S))
+    out_BNTH = _chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, min(chunk, S), causal)
     return out_BNTH.transpose(0, 2, 1, 3).astype(v_BSNH.dtype)
 
 
@@ -191,25 +270,24 @@ def attention_layer(layer: dict, x: jax.Array, cfg: ModelConfig, *, causal: bool
     'dot_product' compute them explicitly, as 'fused' does."""
     theta = cfg.rope_theta if cfg.position == "rope" else None
     T, S = x.shape[-2], (x if source is None else source).shape[-2]
-    full_mask = _mask(T, S, causal, mask)
     if cfg.attention == "reference":
-        delta, patterns = multi_head_attention(heads_view(layer), x, full_mask, source,
-                                               rope_theta=theta)
+        delta, patterns = multi_head_attention(heads_view(layer), x, _mask(T, S, causal, mask),
+                                               source, rope_theta=theta)
         if "output_bias" in layer:
             delta = delta + layer["output_bias"]
+        return delta, (patterns if return_patterns else None)
+    q, k, v = project_qkv(layer, x, source)
+    if theta is not None:
+        q = rope(q, jnp.arange(T)[:, None], theta)
+        k = rope(k, jnp.arange(S)[:, None], theta)
+    patterns = None
+    if cfg.attention == "chunked" and not return_patterns:  # builds no [T, S] mask at all
+        out_BTNH = attend_chunked(q, k, v, mask, cfg.attention_chunk, causal)
     else:
-        q, k, v = project_qkv(layer, x, source)
-        if theta is not None:
-            q = rope(q, jnp.arange(T)[:, None], theta)
-            k = rope(k, jnp.arange(S)[:, None], theta)
-        mask_BTS = jnp.broadcast_to(full_mask, (x.shape[0], T, S))
-        patterns = None
-        if cfg.attention == "fused" or return_patterns:
-            out_BTNH, patterns = attend_fused(q, k, v, mask_BTS)
-        elif cfg.attention == "chunked":
-            out_BTNH = attend_chunked(q, k, v, mask_BTS, cfg.attention_chunk)
-        else:
+        mask_BTS = jnp.broadcast_to(_mask(T, S, causal, mask), (x.shape[0], T, S))
+        if cfg.attention == "dot_product" and not return_patterns:
             plain_causal = causal and mask is None and T == S
             out_BTNH = attend_dot_product(q, k, v, mask_BTS, plain_causal)
-        delta = heads_to_residual(layer, out_BTNH)
-    return delta, (patterns if return_patterns else None)
+        else:
+            out_BTNH, patterns = attend_fused(q, k, v, mask_BTS)
+    return heads_to_residual(layer, out_BTNH), patterns

@@ -215,3 +215,20 @@ def test_gradients_of_every_path_match_reference(path):
     expected = grad(dataclasses.replace(cfg, attention="reference"))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                  grad(cfg), expected)
+
+
+def test_chunked_backward_memory_is_linear_in_length():
+    """The chunked path's gradient keeps no [T, S] pattern: doubling T doubles its temporary
+    memory (XLA's own figure), which stays far below one pattern's size."""
+    from headwise.model.attention import attend_chunked
+
+    def temp_bytes(attend, T):
+        q = jax.ShapeDtypeStruct((1, T, 3, 8), jnp.float32)
+        grad = jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+    chunked = lambda q, k, v: attend_chunked(q, k, v, None, 64, causal=True)
+    growth = temp_bytes(chunked, 2048) / temp_bytes(chunked, 1024)
+    pattern_bytes = 3 * 2048 * 2048 * 4  # one f32 [N, T, T] pattern
+    assert growth < 2.2, growth
+    assert temp_bytes(chunked, 2048) < pattern_bytes / 4
