@@ -4,31 +4,26 @@ import math
 import jax
 import numpy as np
 
-from headwise.model import ModelConfig, param_axes, param_shapes
+from headwise.model import ModelConfig, ParamSpec, param_specs
 
+from .checks import axis_size
 from .rules import spec
-
-
-def _per_device_shape(shape, pspec, mesh) -> tuple:
-    sizes = [math.prod(mesh.shape[a] for a in ((e,) if isinstance(e, str) else e or ()))
-             for e in tuple(pspec) + (None,) * (len(shape) - len(pspec))]
-    return tuple(d // n for d, n in zip(shape, sizes))
 
 
 def shardings_table(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules, strategy: str) -> str:
     """One row per parameter, then the totals."""
     item = np.dtype(cfg.param_dtype).itemsize
-    is_leaf = lambda x: isinstance(x, tuple) and all(isinstance(a, (int, str, type(None))) for a in x)
-    axes = jax.tree_util.tree_flatten_with_path(param_axes(cfg), is_leaf=is_leaf)[0]
-    shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=is_leaf)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))[0]
     rows, total, per_device = [], 0, 0
-    for (path, logical), shape in zip(axes, shapes):
-        pspec = spec(logical, rules)
-        local = _per_device_shape(shape, pspec, mesh)
-        total += math.prod(shape) * item
+    for path, param in leaves:
+        pspec = tuple(spec(param.axes, rules))
+        pspec += (None,) * (len(param.shape) - len(pspec))
+        local = tuple(d // axis_size(mesh, e) for d, e in zip(param.shape, pspec))
+        total += math.prod(param.shape) * item
         per_device += math.prod(local) * item
         name = "/".join(str(k.key) for k in path)
-        rows.append((name, str(tuple(logical)), str(tuple(pspec)), str(local),
+        rows.append((name, str(param.axes), str(pspec), str(local),
                      f"{math.prod(local) * item:,}"))
     header = ("parameter", "logical axes", "mesh sharding", "per-device shape", "bytes/device")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]

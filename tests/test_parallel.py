@@ -265,3 +265,21 @@ def test_unknown_strategy_and_unused_axis(no_compiling):
     mesh = parallel.make_mesh(MeshConfig(data=2, tensor=4))
     with pytest.raises(ValueError, match=r"mesh.tensor=4 .*strategy fsdp .*'tensor'"):
         parallel.check_divisible(CFG, mesh, "fsdp")
+
+
+def test_shardings_table_bytes_match_the_real_shards():
+    """`headwise shardings` says what each device holds: its total equals the bytes of the
+    shards that init_sharded really puts on device 0."""
+    import re
+    from headwise.parallel.table import shardings_table
+    cfg = ModelConfig.preset("tiny", n_heads=4, d_model=32, d_mlp=64, vocab_size=64)
+    mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=4)
+    mesh = parallel.make_mesh(mesh_cfg)
+    rules, name = parallel.resolve(mesh_cfg, mesh)
+    table = shardings_table(cfg, mesh, rules, name)
+    claimed = int(re.search(r"([\d,]+) bytes per device", table).group(1).replace(",", ""))
+    params = parallel.init_sharded(cfg, jax.random.key(0), mesh, rules)
+    device0 = jax.devices()[0]
+    real = sum(s.data.nbytes for leaf in jax.tree.leaves(params)
+               for s in leaf.addressable_shards if s.device == device0)
+    assert claimed == real

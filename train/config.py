@@ -119,10 +119,6 @@ class RunConfig:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 
 
-def _field_types(cls) -> dict[str, type]:
-    return typing.get_type_hints(cls)
-
-
 def _coerce(section: str, key: str, value, expected: type):
     """TOML's value, checked against the field's type (an int is a fine float)."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -142,7 +138,7 @@ def _build_section(section: str, values: dict):
     base = getattr(RunConfig(), section)
     if section == "model" and "preset" in values:
         base = ModelConfig.preset(_coerce("model", "preset", values.pop("preset"), str))
-    types_ = _field_types(cls)
+    types_ = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in types_:
             allowed = ", ".join(types_) + (", preset" if section == "model" else "")
