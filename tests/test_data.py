@@ -7,8 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from headwise.train import data
-from headwise.train.data import DataConfig, check_fits, get_batch, load_dataset
+from headwise.train import data, token_cache
+from headwise.train.batches import eval_batches, get_batch
+from headwise.train.data import DataConfig, check_fits, load_dataset
+from headwise.train.sources import EXCLUDED_DIRS, split_by_file, stdlib_files, stdlib_root
+from headwise.train.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer, tokenizer_from_json
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. ✓ é\n" * 20
 
@@ -89,7 +92,7 @@ def test_get_batch_rejects_bad_arguments(arguments, message):
 def test_eval_batches_are_the_same_on_every_call():
     tokens = np.arange(2000, dtype=np.uint16)
     batch = dict(seed=0, num_batches=3, batch_size=4, context_length=8)
-    first, again = list(data.eval_batches(tokens, **batch)), list(data.eval_batches(tokens, **batch))
+    first, again = list(eval_batches(tokens, **batch)), list(eval_batches(tokens, **batch))
     assert len(first) == 3
     for (x, y), (x2, y2) in zip(first, again):
         np.testing.assert_array_equal(x, x2)
@@ -104,18 +107,18 @@ def test_stdlib_files_leave_out_tests_and_installed_packages(tmp_path):
     for name in ("a.py", "pkg/b.py", "pkg/notes.txt", "test/c.py", "pkg/tests/d.py", "site-packages/e.py",
                  "venv/lib/python3.11/site-packages/f.py", "pkg/testing.py", "pkg/deep/test/g.py"):
         write(tmp_path / name, "x = 1\n")
-    assert data.stdlib_files(tmp_path) == ["a.py", "pkg/b.py", "pkg/testing.py"]
+    assert stdlib_files(tmp_path) == ["a.py", "pkg/b.py", "pkg/testing.py"]
 
 
 def test_stdlib_split_is_by_file_disjoint_and_stable():
-    files = data.stdlib_files(data.stdlib_root())
+    files = stdlib_files(stdlib_root())
     assert files == sorted(files) and "os.py" in files and "json/decoder.py" in files
-    assert not any(part in data.EXCLUDED_DIRS for f in files for part in f.split("/")[:-1])
-    train, val = data.split_by_file(files, 0.1)
+    assert not any(part in EXCLUDED_DIRS for f in files for part in f.split("/")[:-1])
+    train, val = split_by_file(files, 0.1)
     assert set(train).isdisjoint(val) and sorted(train + val) == files
     assert 0.03 < len(val) / len(files) < 0.15
     # a file's side depends on its own path only: half the files split the same way
-    half_train, half_val = data.split_by_file(files[::2], 0.1)
+    half_train, half_val = split_by_file(files[::2], 0.1)
     assert set(half_val) == set(val) & set(files[::2])
 
 
@@ -126,13 +129,13 @@ def test_stdlib_corpus_is_the_default_and_loads_from_the_cache_the_second_time(t
     monkeypatch.setattr(data, "_encode_to_cache", pytest.fail)  # a second encode would fail the test
     again = load_dataset(cfg)
     assert first.corpus_hash == again.corpus_hash and len(first.corpus_hash) == 12
-    assert first.vocab_size == 256 and isinstance(first.tokenizer, data.ByteTokenizer)
+    assert first.vocab_size == 256 and isinstance(first.tokenizer, ByteTokenizer)
     assert isinstance(first.train, np.memmap) and first.train.dtype == np.uint16
     assert "standard library" in first.description and "files" in first.description
     assert 0.03 < len(first.val) / (len(first.train) + len(first.val)) < 0.15
     # the train split starts with the first non-empty training file, byte for byte
-    root = data.stdlib_root()
-    train_files, _ = data.split_by_file(data.stdlib_files(root), 0.1)
+    root = stdlib_root()
+    train_files, _ = split_by_file(stdlib_files(root), 0.1)
     head = next(raw for raw in ((root / f).read_bytes() for f in train_files) if raw)[:200]
     assert bytes(first.train[:len(head)].astype(np.uint8)) == head
 
@@ -155,7 +158,7 @@ def test_folder_splits_by_file_and_keeps_both_splits(tmp_path):
     write(tmp_path / "corpus" / ".hidden", "never read")
     write(tmp_path / "corpus" / "empty.txt", "")
     ds = load_dataset(config(tmp_path, path=str(tmp_path / "corpus")))
-    train, val = data.split_by_file(sorted(texts), 0.1)
+    train, val = split_by_file(sorted(texts), 0.1)
     assert train and val  # three files and 10%: one file is moved to validation anyway
     assert ds.tokenizer.decode(list(ds.train)) == "".join(texts[f] for f in train)
     assert ds.tokenizer.decode(list(ds.val)) == "".join(texts[f] for f in val)
@@ -163,10 +166,10 @@ def test_folder_splits_by_file_and_keeps_both_splits(tmp_path):
 
 
 def test_char_tokenizer_round_trip():
-    tok = data.CharTokenizer.from_texts(["hello", "wörld ✓"])
+    tok = CharTokenizer.from_texts(["hello", "wörld ✓"])
     assert tok.chars == tuple(sorted(set("hello" + "wörld ✓")))
     assert tok.decode(tok.encode("hello wörld ✓")) == "hello wörld ✓"
-    assert data.tokenizer_from_json(tok.to_json()) == tok
+    assert tokenizer_from_json(tok.to_json()) == tok
     with pytest.raises(ValueError, match="not in the char vocabulary"):
         tok.encode("hex")
     with pytest.raises(ValueError, match="outside"):
@@ -177,15 +180,15 @@ def test_char_dataset_builds_its_vocabulary_from_the_text(tmp_path):
     ds = load_dataset(config(tmp_path, path=write(tmp_path / "input.txt", TEXT), tokenizer="char"))
     assert ds.vocab_size == ds.tokenizer.vocab_size == len(set(TEXT))
     assert ds.tokenizer.decode(list(ds.train) + list(ds.val)) == TEXT
-    restored = data.tokenizer_from_json(ds.tokenizer.to_json())
+    restored = tokenizer_from_json(ds.tokenizer.to_json())
     assert restored.decode(list(ds.val)) == ds.tokenizer.decode(list(ds.val))
 
 
 def test_byte_tokenizer_round_trip_and_broken_utf8():
-    tok = data.ByteTokenizer()
+    tok = ByteTokenizer()
     assert tok.decode(tok.encode("héllo ✓")) == "héllo ✓"
     assert tok.decode(tok.encode("✓")[:2]) == "\ufffd"  # a sample cut mid-character still decodes
-    assert data.tokenizer_from_json(tok.to_json()) == tok
+    assert tokenizer_from_json(tok.to_json()) == tok
 
 
 def test_the_callers_vocab_size_is_kept_and_checked(tmp_path):
@@ -248,7 +251,7 @@ def test_bin_stats_are_remembered_until_the_files_change(tmp_path, monkeypatch):
     folder = write_bins(tmp_path / "bins", np.arange(100), np.arange(10), "uint16")
     cfg = config(tmp_path, path=folder)
     first = load_dataset(cfg, vocab_size=128)
-    monkeypatch.setattr(data, "_scan", pytest.fail)
+    monkeypatch.setattr(token_cache, "scan_tokens", pytest.fail)
     assert load_dataset(cfg, vocab_size=128).corpus_hash == first.corpus_hash
     monkeypatch.undo()
     np.arange(1, 11, dtype=np.uint16).tofile(tmp_path / "bins" / "val.bin")
@@ -291,10 +294,10 @@ def bpe_tokenizer_json(tmp_path) -> str:
 def test_tokenizer_json_dataset_round_trips(tmp_path):
     tokenizer_path = bpe_tokenizer_json(tmp_path)
     ds = load_dataset(config(tmp_path, path=write(tmp_path / "input.txt", TEXT), tokenizer=tokenizer_path))
-    assert isinstance(ds.tokenizer, data.HFTokenizer) and ds.vocab_size == ds.tokenizer.vocab_size
+    assert isinstance(ds.tokenizer, HFTokenizer) and ds.vocab_size == ds.tokenizer.vocab_size
     assert ds.train.dtype == np.uint16 and len(ds.train) + len(ds.val) < len(TEXT.encode())  # merges happened
     assert ds.tokenizer.decode(list(ds.train) + list(ds.val)) == TEXT
-    restored = data.tokenizer_from_json(ds.tokenizer.to_json())
+    restored = tokenizer_from_json(ds.tokenizer.to_json())
     assert restored.encode("Speak, speak.") == ds.tokenizer.encode("Speak, speak.")
     os.remove(tokenizer_path)  # the saved form carries the whole tokenizer, not its path
     assert restored.decode(restored.encode(TEXT[:50])) == TEXT[:50]

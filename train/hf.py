@@ -6,6 +6,8 @@ import numpy as np
 
 from headwise.model import ModelConfig, param_shapes
 
+from .tokenizers import import_tokenizers_library
+
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 # HF activation names -> ours; the first HF name of each of ours is what export writes.
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -294,8 +296,7 @@ def tokenizer_spec(hf_dir) -> str | None:
     vocab, merges = hf_dir / "vocab.json", hf_dir / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         return None
-    from .data import _tokenizers_library
-    bpe = _tokenizers_library().implementations.ByteLevelBPETokenizer.from_file(str(vocab), str(merges))
+    bpe = import_tokenizers_library().implementations.ByteLevelBPETokenizer.from_file(str(vocab), str(merges))
     if "<|endoftext|>" in bpe.get_vocab():
         bpe.add_special_tokens(["<|endoftext|>"])
     return bpe.to_str()
