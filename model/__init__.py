@@ -1,15 +1,17 @@
 """Model functions: attention heads, blocks, forward pass, counts. No meshes, files or optimizers."""
 from .attention import (attention_head, attention_layer, attention_pattern, attention_scores,
-                        causal_mask, heads_view, multi_head_attention, output_matrix)
+                        causal, causal_mask, heads_view, multi_head_attention, output_matrix,
+                        weigh_values)
 from .config import PRESETS, ModelConfig
 from .count import count_params, flops_per_token
 from .params import ParamSpec, init_params, param_axes, param_shapes, param_specs
-from .transformer import cross_entropy, embed, forward, forward_embeddings, loss, unembed
+from .transformer import (block, cross_entropy, embed, forward, forward_embeddings, loss,
+                          run_blocks, unembed)
 
 __all__ = [
     "ModelConfig", "PRESETS", "ParamSpec", "param_specs", "param_axes", "param_shapes",
     "init_params", "forward", "forward_embeddings", "embed", "unembed", "loss", "cross_entropy",
-    "attention_head", "multi_head_attention", "attention_scores", "attention_pattern",
-    "causal_mask", "output_matrix", "heads_view", "attention_layer",
+    "block", "run_blocks", "attention_head", "multi_head_attention", "attention_scores",
+    "attention_pattern", "weigh_values", "causal", "causal_mask", "output_matrix", "heads_view", "attention_layer",
     "count_params", "flops_per_token",
 ]

@@ -1,14 +1,44 @@
-"""Attention as the explanation tells it (one head, then many), plus the fast batched paths."""
+"""Attention as the explanation tells it (one head, then many), and the batched kernels the model runs."""
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .logical import constrain
 
 # Masked scores get the most negative finite value rather than -inf: exp() still makes them
 # exactly 0 next to any allowed key, and a row with no allowed key gives no NaN.
 _MASKED = jnp.finfo(jnp.float32).min
+# A layer's key/value cache, [B, S, N, H]: split like the activations, whole heads per device.
+CACHE_AXES = ("batch", None, "heads", "head_dim")
+
+
+# --- The two rules every path shares: which keys a query sees, and where a vector points -------
+
+def causal(query_positions_T: jax.Array, key_positions_S: jax.Array) -> jax.Array:
+    """[..., T, S] booleans: a key at position s is visible to a query at position t when
+    s <= t. The one causal rule: training, decoding and every attention path use it."""
+    return key_positions_S <= query_positions_T[..., None]
+
+
+def causal_mask(T: int, S: int | None = None) -> jax.Array:
+    """[T, S] booleans, True where query t may look at key s. With S > T the queries are the
+    last T positions of the S keys (as when decoding after a prefix)."""
+    S = T if S is None else S
+    return causal(jnp.arange(T) + (S - T), jnp.arange(S))
+
+
+def rope(x_TH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding: rotate pairs (i, i + H/2) of each vector by position * freq_i.
+    `positions` broadcasts against `x.shape[:-1]`, so any leading axes work."""
+    half = x_TH.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions_T[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = x_TH[..., :half].astype(jnp.float32), x_TH[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_TH.dtype)
 
 
 # --- The explanation's view: one head on one sequence ------------------------------------------
@@ -16,13 +46,6 @@ _MASKED = jnp.finfo(jnp.float32).min
 def attention_scores(q_TH: jax.Array, k_SH: jax.Array) -> jax.Array:
     """Every query against every key: q·k / sqrt(H), so scores do not grow with head width."""
     return (q_TH @ k_SH.T) / jnp.sqrt(jnp.float32(q_TH.shape[-1])).astype(q_TH.dtype)
-
-
-def causal_mask(T: int, S: int | None = None) -> jax.Array:
-    """[T, S] booleans, True where query t may look at key s: s <= t. With S > T the queries are
-    the last T positions of the S keys (as when decoding after a prefix)."""
-    S = T if S is None else S
-    return jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
 
 
 def attention_pattern(scores_TS: jax.Array, mask_TS: jax.Array | None = None) -> jax.Array:
@@ -35,15 +58,10 @@ def attention_pattern(scores_TS: jax.Array, mask_TS: jax.Array | None = None) ->
     return jax.nn.softmax(scores_TS, axis=-1)
 
 
-def rope(x_TH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding: rotate pairs (i, i + H/2) of each vector by position * freq_i.
-    `positions` broadcasts against `x.shape[:-1]`, so any leading axes work."""
-    half = x_TH.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions_T[..., None].astype(jnp.float32) * inv_freq
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x_TH[..., :half].astype(jnp.float32), x_TH[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_TH.dtype)
+def weigh_values(q_TH, k_SH, v_SH, mask_TS=None):
+    """The heart of a head: its pattern, and the values weighted by it: (out_TH, pattern_TS)."""
+    pattern_TS = attention_pattern(attention_scores(q_TH, k_SH), mask_TS)
+    return pattern_TS.astype(v_SH.dtype) @ v_SH, pattern_TS
 
 
 def _project(x_TD, head, name):
@@ -63,10 +81,8 @@ def attention_head(head: dict, x_TD: jax.Array, mask_TS: jax.Array | None = None
     if rope_theta is not None:
         q_TH = rope(q_TH, jnp.arange(q_TH.shape[0]), rope_theta)
         k_SH = rope(k_SH, jnp.arange(k_SH.shape[0]), rope_theta)
-    pattern_TS = attention_pattern(attention_scores(q_TH, k_SH), mask_TS)
-    v_SH = _project(source_SD, head, "value_down")
-    delta_TD = (pattern_TS.astype(v_SH.dtype) @ v_SH) @ head["value_up"]
-    return delta_TD, pattern_TS
+    out_TH, pattern_TS = weigh_values(q_TH, k_SH, _project(source_SD, head, "value_down"), mask_TS)
+    return out_TH @ head["value_up"], pattern_TS
 
 
 def multi_head_attention(heads: dict, x_TD: jax.Array, mask_TS: jax.Array | None = None,
@@ -94,7 +110,192 @@ def heads_view(layer: dict) -> dict:
     return view
 
 
-# --- Fast paths: whole batches, stored layout, wide matmuls -------------------------------------
+# --- The batched kernels: q_BTNH, k_BSNH, v_BSNH -> out_BTNH (and the patterns, if made) -------
+
+class Visible(NamedTuple):
+    """Which keys each query may read: the causal rule (when `causal`) and the caller's mask."""
+
+    positions_BT: jax.Array | None  # the queries' positions; None: the last T of the S keys
+    causal: bool = True
+    mask_BTS: jax.Array | None = None  # anything broadcasting to [B, T, S]
+
+    def query_positions(self, T: int, S: int) -> jax.Array:
+        """[B or 1, T]."""
+        positions = jnp.arange(T) + (S - T) if self.positions_BT is None else self.positions_BT
+        return jnp.atleast_2d(positions)
+
+    def allowed(self, B: int, T: int, S: int) -> jax.Array:
+        """The whole [B, T, S] mask, for the paths that build one."""
+        allowed = (causal(self.query_positions(T, S), jnp.arange(S)) if self.causal
+                   else jnp.ones((T, S), bool))
+        allowed = allowed if self.mask_BTS is None else allowed & self.mask_BTS
+        return jnp.broadcast_to(allowed, (B, T, S))
+
+
+def attend_reference(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
+    """The explanation's one head (`weigh_values`), vmapped over heads, then over the batch."""
+    B, T, _, _ = q_BTNH.shape
+    heads = jax.vmap(weigh_values, in_axes=(1, 1, 1, None), out_axes=(1, 0))
+    out_BTNH, pattern_BNTS = jax.vmap(heads)(q_BTNH, k_BSNH, v_BSNH,
+                                             visible.allowed(B, T, k_BSNH.shape[1]))
+    return out_BTNH, pattern_BNTS
+
+
+def attend_fused(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
+    """Scores, pattern and weighted values as three einsums."""
+    B, T, _, H = q_BTNH.shape
+    scale = 1.0 / jnp.sqrt(jnp.float32(H))
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32) * scale
+    mask_BTS = visible.allowed(B, T, k_BSNH.shape[1])
+    pattern_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], scores, _MASKED), axis=-1)
+    out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", pattern_BNTS.astype(v_BSNH.dtype), v_BSNH)
+    return out_BTNH, pattern_BNTS
+
+
+def attend_dot_product(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
+    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere."""
+    B, T, _, _ = q_BTNH.shape
+    S = k_BSNH.shape[1]
+    if visible.causal and visible.positions_BT is None and visible.mask_BTS is None and T == S:
+        # the library's own causal path, which cuDNN fuses
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True), None
+    mask = visible.allowed(B, T, S)[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask), None
+
+
+def _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk: int):
+    """Keys and values cut into n blocks of `chunk` keys, the last padded: [n, B, C, N, H] each,
+    the blocks' first key positions [n], and the caller's mask (if any) likewise [n, B, T, C]."""
+    B, S, N, H = k_BSNH.shape
+    pad = -S % chunk
+    n = (S + pad) // chunk
+    k_BSNH, v_BSNH = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k_BSNH, v_BSNH))
+    if mask_BTS is not None:
+        mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, 0), (0, pad)))
+        mask_BTS = mask_BTS.reshape(B, -1, n, chunk).transpose(2, 0, 1, 3)
+    return (k_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1),
+            v_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1), jnp.arange(n) * chunk, mask_BTS)
+
+
+def _block_mask(start, S: int, chunk: int, causal_: bool, positions_BT, mask_BTC):
+    """Which of one block's keys each query may read, built per block so that no [T, S] mask
+    exists: keys past S are padding."""
+    s_C = start + jnp.arange(chunk)
+    allowed = (s_C < S)[None, None, :]
+    if causal_:
+        allowed = allowed & causal(positions_BT, s_C)
+    return allowed if mask_BTC is None else allowed & mask_BTC
+
+
+def _block_scores(q_BTNH, k_BCNH):
+    return jnp.einsum("BTNH,BCNH->BNTC", q_BTNH, k_BCNH.astype(jnp.float32))
+
+
+def _block_probs(scores_BNTC, mask_BTC, shift_BNT):
+    """exp(score - shift) where allowed, exactly 0 where masked."""
+    return jnp.where(mask_BTC[:, None], jnp.exp(scores_BNTC - shift_BNT[..., None]), 0.0)
+
+
+def _chunked_forward(q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, chunk, causal_):
+    """(out_BNTH, logsumexp_BNT) with an online softmax (running max and sum) over key blocks.
+    `q_BTNH` is already scaled by 1/sqrt(H) and in f32."""
+    B, T, N, H = q_BTNH.shape
+    S = k_BSNH.shape[1]
+
+    def step(carry, block):
+        max_BNT, sum_BNT, acc_BNTH = carry
+        k_BCNH, v_BCNH, start, mask_BTC = block
+        mask_BTC = _block_mask(start, S, chunk, causal_, positions_BT, mask_BTC)
+        scores = _block_scores(q_BTNH, k_BCNH)
+        new_max = jnp.maximum(max_BNT, jnp.where(mask_BTC[:, None], scores, _MASKED).max(-1))
+        p_BNTC = _block_probs(scores, mask_BTC, new_max)
+        rescale = jnp.exp(max_BNT - new_max)
+        acc_BNTH = acc_BNTH * rescale[..., None] + jnp.einsum(
+            "BNTC,BCNH->BNTH", p_BNTC, v_BCNH.astype(jnp.float32))
+        return (new_max, sum_BNT * rescale + p_BNTC.sum(-1), acc_BNTH), None
+
+    init = (jnp.full((B, N, T), _MASKED), jnp.zeros((B, N, T)), jnp.zeros((B, N, T, H)))
+    (max_BNT, sum_BNT, acc_BNTH), _ = jax.lax.scan(
+        step, init, _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk))
+    # A query with no allowed key gets a zero output rather than 0/0.
+    empty = sum_BNT == 0
+    out_BNTH = acc_BNTH / jnp.where(empty, 1.0, sum_BNT)[..., None]
+    return out_BNTH, jnp.where(empty, 0.0, max_BNT + jnp.log(jnp.where(empty, 1.0, sum_BNT)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _chunked(q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, chunk, causal_):
+    return _chunked_forward(q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, chunk, causal_)[0]
+
+
+def _chunked_fwd(q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, chunk, causal_):
+    out_BNTH, lse_BNT = _chunked_forward(q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, chunk,
+                                         causal_)
+    return out_BNTH, (q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, out_BNTH, lse_BNT)
+
+
+def _chunked_bwd(chunk, causal_, saved, dout_BNTH):
+    """The flash-attention backward: only the output and one logsumexp per query were saved;
+    each key block's pattern is recomputed, so the backward pass is linear in T as well."""
+    q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, out_BNTH, lse_BNT = saved
+    S = k_BSNH.shape[1]
+    delta_BNT = (dout_BNTH * out_BNTH).sum(-1)
+
+    def step(dq_BTNH, block):
+        k_BCNH, v_BCNH, start, mask_BTC = block
+        mask_BTC = _block_mask(start, S, chunk, causal_, positions_BT, mask_BTC)
+        p_BNTC = _block_probs(_block_scores(q_BTNH, k_BCNH), mask_BTC, lse_BNT)  # recomputed
+        dv_BCNH = jnp.einsum("BNTC,BNTH->BCNH", p_BNTC, dout_BNTH)
+        dp_BNTC = jnp.einsum("BNTH,BCNH->BNTC", dout_BNTH, v_BCNH.astype(jnp.float32))
+        ds_BNTC = p_BNTC * (dp_BNTC - delta_BNT[..., None])
+        dq_BTNH = dq_BTNH + jnp.einsum("BNTC,BCNH->BTNH", ds_BNTC, k_BCNH.astype(jnp.float32))
+        dk_BCNH = jnp.einsum("BNTC,BTNH->BCNH", ds_BNTC, q_BTNH)
+        return dq_BTNH, (dk_BCNH, dv_BCNH)
+
+    dq_BTNH, (dk_nBCNH, dv_nBCNH) = jax.lax.scan(
+        step, jnp.zeros_like(q_BTNH), _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk))
+    unblock = lambda d: d.swapaxes(0, 1).reshape(d.shape[1], -1, *d.shape[3:])[:, :S]
+    return (dq_BTNH, unblock(dk_nBCNH).astype(k_BSNH.dtype),
+            unblock(dv_nBCNH).astype(v_BSNH.dtype), None, None)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def attend_chunked(q_BTNH, k_BSNH, v_BSNH, visible: Visible, chunk: int = 128):
+    """Keys in blocks of `chunk` with an online softmax, and a backward pass that recomputes
+    each block's pattern from a saved logsumexp (as flash attention does). The causal mask is
+    made block by block too: without a caller's mask no [T, S] array exists, forward or
+    backward, so memory grows linearly with T."""
+    B, T, N, H = q_BTNH.shape
+    S = k_BSNH.shape[1]
+    q_BTNH = q_BTNH.astype(jnp.float32) / jnp.sqrt(jnp.float32(H))
+    mask_BTS = visible.mask_BTS
+    if mask_BTS is not None:
+        mask_BTS = jnp.broadcast_to(mask_BTS, (B, T, S))
+    out_BNTH = _chunked(q_BTNH, k_BSNH, v_BSNH, visible.query_positions(T, S), mask_BTS,
+                        min(chunk, S), visible.causal)
+    return out_BNTH.transpose(0, 2, 1, 3).astype(v_BSNH.dtype), None
+
+
+# --- One attention layer, in the stored layout, for every path -----------------------------
+
+KERNELS = {"reference": attend_reference, "fused": attend_fused,
+           "chunked": attend_chunked, "dot_product": attend_dot_product}
+
+
+def attend(q_BTNH, k_BSNH, v_BSNH, visible: Visible, cfg: ModelConfig,
+           return_patterns: bool = False):
+    """(out_BTNH, patterns_BNTS or None) by the kernel `cfg.attention` names. Patterns are a
+    [B, N, T, S] array by nature: asking for them runs 'chunked' and 'dot_product' layers
+    through the 'fused' kernel, which makes them (the others never build one)."""
+    path = cfg.attention
+    if return_patterns and path in ("chunked", "dot_product"):
+        path = "fused"
+    if path == "chunked":
+        return attend_chunked(q_BTNH, k_BSNH, v_BSNH, visible, cfg.attention_chunk)
+    return KERNELS[path](q_BTNH, k_BSNH, v_BSNH, visible)
+
 
 def project_qkv(layer: dict, x_BTD: jax.Array, source_BSD: jax.Array | None = None):
     """q_BTNH, k_BSNH, v_BSNH. Self-attention does ONE [B*T, D] x [D, 3*N*H] matmul."""
@@ -118,134 +319,6 @@ def project_qkv(layer: dict, x_BTD: jax.Array, source_BSD: jax.Array | None = No
     return q.reshape(B, T, N, H), kv[:, :, 0], kv[:, :, 1]
 
 
-def attend_fused(q_BTNH, k_BSNH, v_BSNH, mask_BTS):
-    """Scores, pattern and weighted values as three einsums: (out_BTNH, pattern_BNTS)."""
-    scale = 1.0 / jnp.sqrt(jnp.float32(q_BTNH.shape[-1]))
-    scores = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32) * scale
-    pattern_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], scores, _MASKED), axis=-1)
-    out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", pattern_BNTS.astype(v_BSNH.dtype), v_BSNH)
-    return out_BTNH, pattern_BNTS
-
-
-def _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk: int):
-    """Keys and values cut into n blocks of `chunk` keys, the last padded: [n, B, C, N, H] each,
-    the blocks' first key positions [n], and the caller's mask (if any) likewise [n, B, T, C]."""
-    B, S, N, H = k_BSNH.shape
-    pad = -S % chunk
-    n = (S + pad) // chunk
-    k_BSNH, v_BSNH = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k_BSNH, v_BSNH))
-    if mask_BTS is not None:
-        mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, 0), (0, pad)))
-        mask_BTS = mask_BTS.reshape(B, -1, n, chunk).transpose(2, 0, 1, 3)
-    return (k_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1),
-            v_BSNH.reshape(B, n, chunk, N, H).swapaxes(0, 1), jnp.arange(n) * chunk, mask_BTS)
-
-
-def _block_mask(start, T: int, S: int, chunk: int, causal: bool, mask_BTC):
-    """Which of one block's keys each query may read, built per block so that no [T, S] mask
-    exists: keys past S are padding; causal queries are the last T of the S positions."""
-    s_C = start + jnp.arange(chunk)
-    allowed_TC = jnp.broadcast_to(s_C < S, (T, chunk))
-    if causal:
-        allowed_TC = allowed_TC & (s_C[None, :] <= jnp.arange(T)[:, None] + (S - T))
-    return allowed_TC[None] if mask_BTC is None else allowed_TC[None] & mask_BTC
-
-
-def _block_scores(q_BTNH, k_BCNH):
-    return jnp.einsum("BTNH,BCNH->BNTC", q_BTNH, k_BCNH.astype(jnp.float32))
-
-
-def _block_probs(scores_BNTC, mask_BTC, shift_BNT):
-    """exp(score - shift) where allowed, exactly 0 where masked."""
-    return jnp.where(mask_BTC[:, None], jnp.exp(scores_BNTC - shift_BNT[..., None]), 0.0)
-
-
-def _chunked_forward(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal):
-    """(out_BNTH, logsumexp_BNT) with an online softmax (running max and sum) over key blocks.
-    `q_BTNH` is already scaled by 1/sqrt(H) and in f32."""
-    B, T, N, H = q_BTNH.shape
-    S = k_BSNH.shape[1]
-
-    def step(carry, block):
-        max_BNT, sum_BNT, acc_BNTH = carry
-        k_BCNH, v_BCNH, start, mask_BTC = block
-        mask_BTC = _block_mask(start, T, S, chunk, causal, mask_BTC)
-        scores = _block_scores(q_BTNH, k_BCNH)
-        new_max = jnp.maximum(max_BNT, jnp.where(mask_BTC[:, None], scores, _MASKED).max(-1))
-        p_BNTC = _block_probs(scores, mask_BTC, new_max)
-        rescale = jnp.exp(max_BNT - new_max)
-        acc_BNTH = acc_BNTH * rescale[..., None] + jnp.einsum(
-            "BNTC,BCNH->BNTH", p_BNTC, v_BCNH.astype(jnp.float32))
-        return (new_max, sum_BNT * rescale + p_BNTC.sum(-1), acc_BNTH), None
-
-    init = (jnp.full((B, N, T), _MASKED), jnp.zeros((B, N, T)), jnp.zeros((B, N, T, H)))
-    (max_BNT, sum_BNT, acc_BNTH), _ = jax.lax.scan(
-        step, init, _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk))
-    # A query with no allowed key gets a zero output rather than 0/0.
-    empty = sum_BNT == 0
-    out_BNTH = acc_BNTH / jnp.where(empty, 1.0, sum_BNT)[..., None]
-    return out_BNTH, jnp.where(empty, 0.0, max_BNT + jnp.log(jnp.where(empty, 1.0, sum_BNT)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal):
-    return _chunked_forward(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal)[0]
-
-
-def _chunked_fwd(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal):
-    out_BNTH, lse_BNT = _chunked_forward(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk, causal)
-    return out_BNTH, (q_BTNH, k_BSNH, v_BSNH, mask_BTS, out_BNTH, lse_BNT)
-
-
-def _chunked_bwd(chunk, causal, saved, dout_BNTH):
-    """The flash-attention backward: only the output and one logsumexp per query were saved;
-    each key block's pattern is recomputed, so the backward pass is linear in T as well."""
-    q_BTNH, k_BSNH, v_BSNH, mask_BTS, out_BNTH, lse_BNT = saved
-    T, S = q_BTNH.shape[1], k_BSNH.shape[1]
-    delta_BNT = (dout_BNTH * out_BNTH).sum(-1)
-
-    def step(dq_BTNH, block):
-        k_BCNH, v_BCNH, start, mask_BTC = block
-        mask_BTC = _block_mask(start, T, S, chunk, causal, mask_BTC)
-        p_BNTC = _block_probs(_block_scores(q_BTNH, k_BCNH), mask_BTC, lse_BNT)  # recomputed
-        dv_BCNH = jnp.einsum("BNTC,BNTH->BCNH", p_BNTC, dout_BNTH)
-        dp_BNTC = jnp.einsum("BNTH,BCNH->BNTC", dout_BNTH, v_BCNH.astype(jnp.float32))
-        ds_BNTC = p_BNTC * (dp_BNTC - delta_BNT[..., None])
-        dq_BTNH = dq_BTNH + jnp.einsum("BNTC,BCNH->BTNH", ds_BNTC, k_BCNH.astype(jnp.float32))
-        dk_BCNH = jnp.einsum("BNTC,BTNH->BCNH", ds_BNTC, q_BTNH)
-        return dq_BTNH, (dk_BCNH, dv_BCNH)
-
-    dq_BTNH, (dk_nBCNH, dv_nBCNH) = jax.lax.scan(
-        step, jnp.zeros_like(q_BTNH), _key_blocks(k_BSNH, v_BSNH, mask_BTS, chunk))
-    unblock = lambda d: d.swapaxes(0, 1).reshape(d.shape[1], -1, *d.shape[3:])[:, :S]
-    return (dq_BTNH, unblock(dk_nBCNH).astype(k_BSNH.dtype),
-            unblock(dv_nBCNH).astype(v_BSNH.dtype), None)
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
-
-
-def attend_chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, chunk: int, causal: bool = False):
-    """Keys in blocks of `chunk` with an online softmax, and a backward pass that recomputes
-    each block's pattern from a saved logsumexp (as flash attention does). With `causal` and no
-    `mask_BTS`, the mask is made block by block too: no [T, S] array exists, forward or
-    backward, so memory grows linearly with T."""
-    B, T, N, H = q_BTNH.shape
-    S = k_BSNH.shape[1]
-    q_BTNH = q_BTNH.astype(jnp.float32) / jnp.sqrt(jnp.float32(H))
-    if mask_BTS is not None:
-        mask_BTS = jnp.broadcast_to(mask_BTS, (B, T, S))
-    out_BNTH = _chunked(q_BTNH, k_BSNH, v_BSNH, mask_BTS, min(chunk, S), causal)
-    return out_BNTH.transpose(0, 2, 1, 3).astype(v_BSNH.dtype)
-
-
-def attend_dot_product(q_BTNH, k_BSNH, v_BSNH, mask_BTS, is_causal: bool):
-    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere."""
-    if is_causal:  # the library's own causal path, which cuDNN fuses
-        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BTS[:, None])
-
-
 def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
     """Every head's output through its rows of the output matrix (value_up), summed over heads,
     plus the output bias: the change the layer adds to the residual stream."""
@@ -255,39 +328,36 @@ def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
     return delta + layer["output_bias"] if "output_bias" in layer else delta
 
 
-def _mask(T: int, S: int, causal: bool, mask) -> jax.Array:
-    """The causal mask combined with a caller's mask (anything broadcasting to [T, S])."""
-    allowed = causal_mask(T, S) if causal else jnp.ones((T, S), bool)
-    return allowed if mask is None else allowed & mask
+def write_cache(cache: dict, k_BTNH, v_BTNH, starts_B) -> dict:
+    """The new keys and values into each row's slots starts[b] .. starts[b] + T - 1."""
+    put = lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0))
+    return {name: constrain(jax.vmap(put)(cache[name], new, starts_B), CACHE_AXES)
+            for name, new in (("key", k_BTNH), ("value", v_BTNH))}
 
 
-def attention_layer(layer: dict, x: jax.Array, cfg: ModelConfig, *, causal: bool = True,
-                    source: jax.Array | None = None, mask: jax.Array | None = None,
-                    return_patterns: bool = False):
-    """One attention layer in the stored layout, by the path `cfg.attention` names:
-    (delta, patterns or None). 'reference' takes ONE sequence (x_TD, patterns_NTS); the fast
-    paths take batches (x_BTD, patterns_BNTS). Asking for patterns makes 'chunked' and
-    'dot_product' compute them explicitly, as 'fused' does."""
+def attention_layer(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
+                    positions_BT: jax.Array | None = None, cache: dict | None = None,
+                    source_BSD: jax.Array | None = None, mask_BTS: jax.Array | None = None,
+                    causal: bool = True, return_patterns: bool = False):
+    """One attention layer in the stored layout, on every path: (delta_BTD, cache, patterns).
+
+    Self-attention reads x; with a `cache` ({"key", "value"}: [B, S, N, H]) it writes the new
+    keys and values at `positions_BT` (each row's positions consecutive) and reads all S slots,
+    the causal rule hiding those past each query. Cross-attention reads `source_BSD`.
+    `patterns` is [B, N, T, S] when asked for, else None."""
+    if (positions_BT is None) != (cache is None):
+        raise ValueError("attention_layer: give positions_BT and cache together (decoding), or "
+                         "neither (a whole sequence from position 0)")
     theta = cfg.rope_theta if cfg.position == "rope" else None
-    T, S = x.shape[-2], (x if source is None else source).shape[-2]
-    if cfg.attention == "reference":
-        delta, patterns = multi_head_attention(heads_view(layer), x, _mask(T, S, causal, mask),
-                                               source, rope_theta=theta)
-        if "output_bias" in layer:
-            delta = delta + layer["output_bias"]
-        return delta, (patterns if return_patterns else None)
-    q, k, v = project_qkv(layer, x, source)
+    q, k, v = project_qkv(layer, x_BTD, source_BSD)
     if theta is not None:
-        q = rope(q, jnp.arange(T)[:, None], theta)
-        k = rope(k, jnp.arange(S)[:, None], theta)
-    patterns = None
-    if cfg.attention == "chunked" and not return_patterns:  # builds no [T, S] mask at all
-        out_BTNH = attend_chunked(q, k, v, mask, cfg.attention_chunk, causal)
-    else:
-        mask_BTS = jnp.broadcast_to(_mask(T, S, causal, mask), (x.shape[0], T, S))
-        if cfg.attention == "dot_product" and not return_patterns:
-            plain_causal = causal and mask is None and T == S
-            out_BTNH = attend_dot_product(q, k, v, mask_BTS, plain_causal)
-        else:
-            out_BTNH, patterns = attend_fused(q, k, v, mask_BTS)
-    return heads_to_residual(layer, out_BTNH), patterns
+        T, S = q.shape[1], k.shape[1]
+        q_positions = jnp.arange(T)[:, None] if positions_BT is None else positions_BT[..., None]
+        k_positions = q_positions if source_BSD is None else jnp.arange(S)[:, None]
+        q, k = rope(q, q_positions, theta), rope(k, k_positions, theta)
+    if cache is not None:
+        cache = write_cache(cache, k, v, positions_BT[:, 0])
+        k, v = cache["key"], cache["value"]
+    out_BTNH, patterns = attend(q, k, v, Visible(positions_BT, causal, mask_BTS), cfg,
+                                return_patterns)
+    return heads_to_residual(layer, out_BTNH), cache, patterns

@@ -48,20 +48,28 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return _linear(h, p["down"], p.get("down_bias"))
 
 
-def block(x: jax.Array, layer: dict, cfg: ModelConfig, *, mask=None, return_patterns=False):
-    """Pre-norm block: attention's summed head deltas, then the MLP's, added to the residual."""
-    delta, patterns = attention_layer(layer["attention"], norm(layer["attention_norm"], x, cfg),
-                                      cfg, mask=mask, return_patterns=return_patterns)
-    x = x + delta
-    x = x + mlp(layer["mlp"], norm(layer["mlp_norm"], x, cfg), cfg)
-    return x, patterns
+def block(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None, cache=None,
+          return_patterns: bool = False):
+    """Pre-norm block: attention's summed head deltas, then the MLP's, added to the residual.
+    Training, prefill and each decode step all run this; see `attention_layer` for the cache.
+    Returns (x_BTD, cache, patterns)."""
+    delta, cache, patterns = attention_layer(
+        layer["attention"], norm(layer["attention_norm"], x_BTD, cfg), cfg,
+        positions_BT=positions_BT, cache=cache, return_patterns=return_patterns)
+    x_BTD = x_BTD + delta
+    x_BTD = x_BTD + mlp(layer["mlp"], norm(layer["mlp_norm"], x_BTD, cfg), cfg)
+    return x_BTD, cache, patterns
 
 
-def embed(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Context-free token vectors (plus learned position vectors): [..., T] -> [..., T, D]."""
+def embed(params: dict, tokens: jax.Array, cfg: ModelConfig,
+          positions: jax.Array | None = None) -> jax.Array:
+    """Context-free token vectors (plus learned position vectors): [..., T] -> [..., T, D].
+    Token t sits at position t unless `positions` (same shape as `tokens`) says otherwise."""
     x = jnp.take(params["embed"]["token"], tokens, axis=0)
     if cfg.position == "learned":
-        x = x + params["embed"]["position"][: tokens.shape[-1]]
+        table = params["embed"]["position"]
+        x = x + (table[: tokens.shape[-1]] if positions is None
+                 else jnp.take(table, positions, axis=0))
     return x.astype(cfg.dtype)
 
 
@@ -72,22 +80,29 @@ def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return (x @ w_DV.astype(x.dtype)).astype(jnp.float32)
 
 
-def forward_embeddings(params: dict, x: jax.Array, cfg: ModelConfig, *, mask=None,
-                       return_patterns: bool = False):
-    """From embeddings to logits: the blocks under `lax.scan` (compile time does not grow with
-    depth), then unembed. Shapes follow the path: [T, D] for 'reference', [B, T, D] otherwise."""
-    batched = x.ndim == 3  # the 'reference' path runs one sequence under vmap: no names
+def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None,
+               cache=None, return_patterns: bool = False):
+    """Every block under `lax.scan` (compile time does not grow with depth), each with its
+    layer of the cache ([L, ...] leaves) if there is one: (x_BTD, cache, patterns_LBNTS)."""
 
-    def step(x, layer):
-        x, patterns = block(x, _cast(layer, cfg.dtype), cfg, mask=mask,
-                            return_patterns=return_patterns)
+    def step(x_BTD, inputs):
+        layer, layer_cache = inputs
+        x_BTD, layer_cache, patterns = block(_cast(layer, cfg.dtype), x_BTD, cfg,
+                                             positions_BT=positions_BT, cache=layer_cache,
+                                             return_patterns=return_patterns)
         # The residual stream at block boundaries (sharded as the rules say, if any).
-        return (constrain(x, ("batch", "seq", "embed")) if batched else x), patterns
+        return constrain(x_BTD, ("batch", "seq", "embed")), (layer_cache, patterns)
 
-    x, patterns = jax.lax.scan(step, x, params["blocks"], unroll=cfg.scan_unroll)
-    logits = unembed(params, x, cfg)
-    if batched:
-        logits = constrain(logits, ("batch", "seq", "vocab"))
+    x_BTD, (cache, patterns) = jax.lax.scan(step, x_BTD, (params["blocks"], cache),
+                                            unroll=cfg.scan_unroll)
+    return x_BTD, cache, patterns
+
+
+def forward_embeddings(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
+                       return_patterns: bool = False):
+    """From embeddings [B, T, D] to logits [B, T, V] (and patterns [L, B, N, T, T])."""
+    x_BTD, _, patterns = run_blocks(params, x_BTD, cfg, return_patterns=return_patterns)
+    logits = constrain(unembed(params, x_BTD, cfg), ("batch", "seq", "vocab"))
     return (logits, patterns) if return_patterns else logits
 
 
@@ -110,19 +125,14 @@ def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
 
 def forward(params: dict, tokens_BT: jax.Array, cfg: ModelConfig, return_patterns: bool = False):
     """Logits [B, T, V] for a batch of token ids; with `return_patterns`, also every attention
-    pattern, [B, L, N, T, T]. The 'reference' path is literally the one-sequence pass under
-    `jax.vmap`; the fast paths run the whole batch through wide matmuls."""
+    pattern, [B, L, N, T, T]. Every path runs the same blocks; `cfg.attention` picks only the
+    kernel that turns queries, keys and values into each head's output."""
     check_tokens(tokens_BT, cfg)
-
-    def run(tokens):
-        return forward_embeddings(params, embed(params, tokens, cfg), cfg,
-                                  return_patterns=return_patterns)
-
-    if cfg.attention == "reference":
-        return jax.vmap(run)(tokens_BT)  # patterns come out [B, L, N, T, T]
+    out = forward_embeddings(params, embed(params, tokens_BT, cfg), cfg,
+                             return_patterns=return_patterns)
     if not return_patterns:
-        return run(tokens_BT)
-    logits, patterns_LBNTS = run(tokens_BT)
+        return out
+    logits, patterns_LBNTS = out
     return logits, patterns_LBNTS.swapaxes(0, 1)
 
 

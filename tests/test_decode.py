@@ -1,5 +1,4 @@
 """KV-cache decoding against the uncached forward pass; one compile; stop, top-k/top-p; errors."""
-import dataclasses
 import functools
 
 import jax
@@ -35,9 +34,8 @@ _forward = jax.jit(forward, static_argnums=2)
 
 
 def _uncached_last_logits(params, cfg, seqs):
-    """Recompute `forward` over each whole sequence; the logits at its last token, [B, V].
-    One baseline path (the readable 'reference') for all: test_model proves the paths equal."""
-    cfg = dataclasses.replace(cfg, attention="reference")
+    """Recompute `forward` (same path, no cache) over each whole sequence; the logits at its
+    last token, [B, V]."""
     window = np.zeros((len(seqs), cfg.context_length), np.int32)
     for b, seq in enumerate(seqs):
         window[b, :len(seq)] = seq  # causal: what follows the sequence cannot change its logits
@@ -51,7 +49,7 @@ def test_cached_decoding_matches_forward(path, position):
     cfg, params = _model(path, position)
     seqs = [list(p) for p in PROMPTS]
     n_steps = 0  # prefill, then NEW - 1 cached steps: each checked against a fresh forward
-    for tokens, logits in decode.steps(params, cfg, PROMPTS, NEW, temperature=0.0):
+    for tokens, logits in decode.generate_with_logits(params, cfg, PROMPTS, NEW, temperature=0.0):
         expected = _uncached_last_logits(params, cfg, seqs)
         np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
         np.testing.assert_array_equal(tokens, np.argmax(expected, -1))  # exactly the same tokens
@@ -76,7 +74,7 @@ def test_top_k_one_and_tiny_top_p_equal_greedy():
 
 def test_top_k_samples_only_from_the_k_likeliest_and_seed_reproduces():
     cfg, params = _model()
-    _, logits = next(decode.steps(params, cfg, PROMPTS, 1, temperature=0.0))
+    _, logits = next(decode.generate_with_logits(params, cfg, PROMPTS, 1, temperature=0.0))
     allowed = [set(np.argsort(np.asarray(row))[-3:].tolist()) for row in logits]
     seen = [set() for _ in PROMPTS]
     for seed in range(8):
@@ -145,14 +143,14 @@ def test_decode_step_compiles_once_and_sliding_goes_past_the_context():
         traces.append(1)  # a Python side effect: runs only while tracing
         return real(*args, **kwargs)
 
-    compiled_before = decode._next._cache_size()
+    compiled_before = decode._decode_step_jit._cache_size()
     decode.decode_step = counting
     try:  # a batch of one is a new shape: exactly one trace for 20 tokens over two prefills
         new = list(decode.generate_stream_sliding(params, cfg, prompt, 20, temperature=0.0))
     finally:
         decode.decode_step = real
     assert len(new) == 20
-    assert len(traces) == 1 and decode._next._cache_size() == compiled_before + 1
+    assert len(traces) == 1 and decode._decode_step_jit._cache_size() == compiled_before + 1
     first = 16 + 1 - len(prompt)  # the cache is full after these; then prefill the newest 8
     # Batches of 3 identical rows reuse the compiled shapes of the tests above.
     assert new[:first] == decode.generate(params, cfg, [prompt] * 3, first, temperature=0.0)[0]
@@ -177,7 +175,7 @@ def test_sharded_generation_matches_one_device(mesh_axes):
     import flax.linen as nn
     with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
         padded = prompts + prompts[:1] * (-len(prompts) % parallel.batch_devices(mesh, rules))
-        _, cache = decode._first(params, *decode._pad(padded, cfg), cfg=cfg)
+        _, cache = decode._prefill_jit(params, *decode._pad(padded, cfg), cfg=cfg)
     spec = tuple(cache["key"].sharding.spec) + (None,) * 5  # trailing Nones are left out
     assert spec[1] is not None  # batch
     assert spec[3] == ("tensor" if mesh_axes.get("tensor") else None)  # heads

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from headwise.model import (ModelConfig, attention_head, attention_layer, causal_mask, count_params,
-                            flops_per_token, forward, heads_view, init_params, loss,
+                            embed, flops_per_token, forward, heads_view, init_params, loss,
                             multi_head_attention, output_matrix, param_axes, param_specs)
 from headwise.model.config import GPT3_PUBLISHED_PARAMS, PRESETS
 
@@ -27,23 +27,25 @@ def _random_layer(cfg, key):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", ["causal", "non_causal", "cross"])
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_attention_paths_match_reference(path, kind, position):
+def test_attention_paths_match_the_explanation(path, kind, position):
+    """Every path's layer (one wide projection, then its kernel) against the explanation's own
+    functions: `multi_head_attention` (vmap of `attention_head`, each head projecting for
+    itself) on one sequence at a time, plus the output bias."""
     # T=11 with chunks of 4: several key blocks, the last one padded.
     cfg = ModelConfig.preset("tiny", attention=path, position=position, attention_chunk=4)
-    ref_cfg = dataclasses.replace(cfg, attention="reference")
     layer = _random_layer(cfg, jax.random.key(0))
     x_BTD = jax.random.normal(jax.random.key(1), (2, 11, cfg.d_model))
     source = jax.random.normal(jax.random.key(2), (2, 7, cfg.d_model)) if kind == "cross" else None
-    kwargs = dict(causal=kind == "causal", return_patterns=False)
+    mask_TS = causal_mask(11) if kind == "causal" else None
+    theta = cfg.rope_theta if position == "rope" else None
 
-    def ref_one(x, src):
-        return attention_layer(layer, x, ref_cfg, source=src, **kwargs)[0]
+    def explained(x_TD, source_SD):
+        delta_TD, _ = multi_head_attention(heads_view(layer), x_TD, mask_TS, source_SD,
+                                           rope_theta=theta)
+        return delta_TD + layer["output_bias"]
 
-    expected = jax.vmap(ref_one)(x_BTD, source)
-    if path == "reference":
-        got = jax.vmap(ref_one)(x_BTD, source)
-    else:
-        got = attention_layer(layer, x_BTD, cfg, source=source, **kwargs)[0]
+    expected = jax.vmap(explained)(x_BTD, source)
+    got, _, _ = attention_layer(layer, x_BTD, cfg, source_BSD=source, causal=kind == "causal")
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -85,13 +87,34 @@ def test_output_matrix_is_value_up_stacked():
         np.testing.assert_array_equal(w_out[n * H:(n + 1) * H], heads["value_up"][n])
 
 
+def _explained_forward(params, tokens_BT, cfg):
+    """The forward pass written the explanation's way, apart from the model's scan and kernels:
+    a Python loop over layers, each sequence on its own, `multi_head_attention` per layer."""
+    from headwise.model.transformer import mlp, norm, unembed
+
+    def one_sequence(tokens_T):
+        x_TD = embed(params, tokens_T, cfg)
+        theta = cfg.rope_theta if cfg.position == "rope" else None
+        for l in range(cfg.n_layers):
+            layer = jax.tree.map(lambda a: a[l], params["blocks"])
+            delta_TD, _ = multi_head_attention(
+                heads_view(layer["attention"]), norm(layer["attention_norm"], x_TD, cfg),
+                causal_mask(len(tokens_T)), rope_theta=theta)
+            x_TD = x_TD + delta_TD + layer["attention"].get("output_bias", 0.0)
+            x_TD = x_TD + mlp(layer["mlp"], norm(layer["mlp_norm"], x_TD, cfg), cfg)
+        return unembed(params, x_TD, cfg)
+
+    return jax.vmap(one_sequence)(tokens_BT)
+
+
 @pytest.mark.parametrize("path", PATHS)
-def test_forward_paths_agree(path):
-    cfg = ModelConfig.preset("tiny", attention=path, attention_chunk=5)
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_forward_paths_match_the_explanation(path, position):
+    cfg = ModelConfig.preset("tiny", attention=path, attention_chunk=5, position=position)
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, cfg.vocab_size)
-    ref = forward(params, tokens, dataclasses.replace(cfg, attention="reference"))
-    np.testing.assert_allclose(forward(params, tokens, cfg), ref, atol=1e-5, rtol=1e-5)
+    expected = jax.jit(_explained_forward, static_argnums=2)(params, tokens, cfg)
+    np.testing.assert_allclose(forward(params, tokens, cfg), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_param_axes_match_params():
@@ -220,14 +243,14 @@ def test_gradients_of_every_path_match_reference(path):
 def test_chunked_backward_memory_is_linear_in_length():
     """The chunked path's gradient keeps no [T, S] pattern: doubling T doubles its temporary
     memory (XLA's own figure), which stays far below one pattern's size."""
-    from headwise.model.attention import attend_chunked
+    from headwise.model.attention import Visible, attend_chunked
 
     def temp_bytes(attend, T):
         q = jax.ShapeDtypeStruct((1, T, 3, 8), jnp.float32)
         grad = jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2))
         return jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
 
-    chunked = lambda q, k, v: attend_chunked(q, k, v, None, 64, causal=True)
+    chunked = lambda q, k, v: attend_chunked(q, k, v, Visible(None), 64)[0]
     growth = temp_bytes(chunked, 2048) / temp_bytes(chunked, 1024)
     pattern_bytes = 3 * 2048 * 2048 * 4  # one f32 [N, T, T] pattern
     assert growth < 2.2, growth

@@ -252,10 +252,7 @@ def test_no_gradient_flows_from_the_future(attention):
     x_BTD = embed(params, tokens, cfg)
 
     def logp_BT(x_BTD, params, targets):  # params as arguments, not constants: faster compile
-        if attention == "reference":  # the reference path takes one sequence, x_TD
-            logits = jax.vmap(lambda x: forward_embeddings(params, x, cfg))(x_BTD)
-        else:
-            logits = forward_embeddings(params, x_BTD, cfg)
+        logits = forward_embeddings(params, x_BTD, cfg)
         logp = jax.nn.log_softmax(logits, -1)
         return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
 
