@@ -21,7 +21,8 @@ def axis_size(mesh: jax.sharding.Mesh, entry) -> int:
     return math.prod(mesh.shape[a] for a in _names(entry))
 
 
-def _describe(mesh, entry) -> str:
+def _axis_sizes(mesh, entry) -> str:
+    """'data=2*fsdp=4': the mesh axes one PartitionSpec entry names, with their sizes."""
     return "*".join(f"{a}={mesh.shape[a]}" for a in _names(entry))
 
 
@@ -54,8 +55,8 @@ def check_params_divisible(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules) -> 
                 name = jax.tree_util.keystr(path, simple=True, separator="/")
                 field = FIELDS.get(logical, logical)
                 raise ValueError(
-                    f"ModelConfig.{field}={dim} is not divisible by mesh {_describe(mesh, entry)} "
-                    f"(logical axis '{logical}' of parameter {name}): make {field} a multiple "
+                    f"ModelConfig.{field}={dim} is not divisible by mesh "
+                    f"{_axis_sizes(mesh, entry)} (logical axis '{logical}' of parameter {name}): make {field} a multiple "
                     f"of {n}, or shrink that mesh axis, or use a strategy that does not shard "
                     f"'{logical}'")
 
@@ -71,7 +72,7 @@ def check_batch_divisible(mesh: jax.sharding.Mesh, rules, batch_size: int,
     n = axis_size(mesh, entry)
     if batch_size % (n * grad_accum):
         raise ValueError(
-            f"train.batch_size={batch_size} is not divisible by {_describe(mesh, entry) or '1'} "
+            f"train.batch_size={batch_size} is not divisible by {_axis_sizes(mesh, entry) or '1'} "
             f"* train.grad_accum={grad_accum} = {n * grad_accum}: each of the {grad_accum} "
             f"micro-batches must split evenly over the {n} batch-sharded devices; make "
             f"batch_size a multiple of {n * grad_accum}")
@@ -82,14 +83,15 @@ def check_processes(mesh: jax.sharding.Mesh, rules, batch_size: int) -> None:
     (and the batch) must split evenly over the processes."""
     n, p = batch_devices(mesh, rules), jax.process_count()
     if n % p or batch_size % p:
+        axes = " or ".join(f"mesh.{a}" for a in _names(spec(("batch",), rules)[0]))
         raise ValueError(f"{p} processes cannot each feed their own rows: train.batch_size="
                          f"{batch_size} and the {n} batch-sharded devices must both divide by "
-                         f"{p}; shard the batch over more devices (mesh.data or mesh.fsdp)")
+                         f"{p}; shard the batch over more devices ({axes})")
 
 
 def check_divisible(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules, batch_size: int | None = None,
                     grad_accum: int = 1) -> None:
-    """All of the above: call it before compiling anything."""
+    """All of the above, each rule once: call it when a run is resolved, before compiling."""
     check_mesh_used(mesh, rules)
     check_params_divisible(cfg, mesh, rules)
     if batch_size is not None:

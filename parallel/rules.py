@@ -9,33 +9,37 @@ partner sees different sequences, so no mesh shape makes devices repeat work, an
 layout (hence the data loader) does not depend on the strategy. A strategy only decides how
 the PARAMETERS are split; `data` is the axis they are replicated over.
 """
+import functools
+
 import flax.linen as nn
 import jax
 
-BATCH = (("batch", ("data", "fsdp")),)
+from .mesh import DATA, FSDP, TENSOR
+
+BATCH_RULES = (("batch", (DATA, FSDP)),)
 # FSDP: every matrix is split along the model width. Arrays with no `embed` axis (MLP and
 # per-head biases) fall back to `mlp`, then `head_dim`, so nothing sizeable is replicated.
-FSDP = (("embed", "fsdp"), ("mlp", "fsdp"), ("head_dim", "fsdp"))
+FSDP_RULES = (("embed", FSDP), ("mlp", FSDP), ("head_dim", FSDP))
 # Tensor parallel: each device holds whole heads (query/key/value columns, value_up rows), the
 # MLP's up columns and down rows, and a slice of the vocabulary (embedding rows, logit columns).
-TP = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+TP_RULES = (("heads", TENSOR), ("mlp", TENSOR), ("vocab", TENSOR))
 
 RULES = {
-    "dp": BATCH,
-    "fsdp": BATCH + FSDP,
-    "tp": BATCH + TP,
-    "fsdp+tp": BATCH + TP + FSDP,
+    "dp": BATCH_RULES,
+    "fsdp": BATCH_RULES + FSDP_RULES,
+    "tp": BATCH_RULES + TP_RULES,
+    "fsdp+tp": BATCH_RULES + TP_RULES + FSDP_RULES,
     # The same table: on a mesh with data > 1 and fsdp > 1, params are sharded over fsdp and
     # replicated over data (hybrid sharding); the mesh, not the table, makes the difference.
-    "dp+fsdp+tp": BATCH + TP + FSDP,
+    "dp+fsdp+tp": BATCH_RULES + TP_RULES + FSDP_RULES,
 }
 
 
 def strategy_for(mesh: jax.sharding.Mesh) -> str:
     """The strategy that uses exactly the mesh axes larger than 1 (what 'auto' means)."""
-    fsdp, tensor = mesh.shape["fsdp"] > 1, mesh.shape["tensor"] > 1
+    fsdp, tensor = mesh.shape[FSDP] > 1, mesh.shape[TENSOR] > 1
     if fsdp and tensor:
-        return "dp+fsdp+tp" if mesh.shape["data"] > 1 else "fsdp+tp"
+        return "dp+fsdp+tp" if mesh.shape[DATA] > 1 else "fsdp+tp"
     return "fsdp" if fsdp else "tp" if tensor else "dp"
 
 
@@ -71,3 +75,15 @@ def mesh_axes_used(rules) -> set[str]:
     for _, mesh_axes in as_rules(rules):
         used.update((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ())
     return used
+
+
+def under_rules(fn, mesh: jax.sharding.Mesh, rules):
+    """`fn` traced with the rules and mesh in context, so the model's named activations
+    (model.logical.constrain) are sharded as the rules say."""
+    rules = as_rules(rules)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced

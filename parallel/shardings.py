@@ -1,4 +1,4 @@
-"""NamedSharding trees for params, optimizer state and batches; params born sharded."""
+"""NamedSharding trees for params, any state that mirrors them, and batches; params born sharded."""
 import functools
 
 import jax
@@ -6,9 +6,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from headwise.model import ModelConfig, init_params, param_axes
-from headwise.train.step import init_state
 
-from .checks import batch_devices, check_params_divisible
+from .checks import check_params_divisible
 from .rules import as_rules, spec
 
 
@@ -60,36 +59,23 @@ def follow_params(tree, params_abstract: dict, params_sharding: dict, mesh) -> d
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
-def state_shardings(cfg: ModelConfig, optimizer, mesh: jax.sharding.Mesh, rules) -> dict:
-    """Shardings of the whole train state (see train.step.init_state)."""
-    params_sh = param_shardings(cfg, mesh, rules)
-    params_abs = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    state_abs = jax.eval_shape(lambda p, k: init_state(p, optimizer, k), params_abs,
-                               jax.random.key(0))
-    return {"params": params_sh,
-            "opt_state": follow_params(state_abs["opt_state"], params_abs, params_sh, mesh),
-            "step": replicated(mesh), "key": replicated(mesh)}
+def state_shardings(abstract_state: dict, params_shardings: dict,
+                    mesh: jax.sharding.Mesh) -> dict:
+    """Shardings of a state dict holding `params` (e.g. `jax.eval_shape` of a train state):
+    the params as given, leaves that mirror a param (optimizer moments) like that param, the
+    rest (step, PRNG key, counts) replicated."""
+    rest = {k: v for k, v in abstract_state.items() if k != "params"}
+    return {**follow_params(rest, abstract_state["params"], params_shardings, mesh),
+            "params": params_shardings}
 
 
 def init_sharded(cfg: ModelConfig, key: jax.Array, mesh: jax.sharding.Mesh, rules,
                  **jit_kwargs) -> dict:
-    """Fresh parameters created already sharded: no device ever holds the whole tree."""
+    """Fresh parameters created already sharded (no device ever holds the whole tree), for
+    use outside a training run; a run creates its whole state this way (train.state)."""
     check_params_divisible(cfg, mesh, rules)
-    shardings = param_shardings(cfg, mesh, rules)
-    abstract = jax.eval_shape(functools.partial(init_params, cfg), key)
-    assert jax.tree.structure(abstract) == jax.tree.structure(shardings)
-    return jax.jit(functools.partial(init_params, cfg), out_shardings=shardings,
-                   **jit_kwargs)(key)
-
-
-def init_sharded_state(cfg: ModelConfig, params: dict, optimizer, key: jax.Array,
-                       mesh: jax.sharding.Mesh, rules, **jit_kwargs) -> dict:
-    """The train state around (sharded) params; optimizer state born with the params' layout.
-    `params` is donated."""
-    shardings = state_shardings(cfg, optimizer, mesh, rules)
-    make = jax.jit(lambda p, k: init_state(p, optimizer, k), out_shardings=shardings,
-                   donate_argnums=0, **jit_kwargs)
-    return make(params, key)
+    return jax.jit(functools.partial(init_params, cfg),
+                   out_shardings=param_shardings(cfg, mesh, rules), **jit_kwargs)(key)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
@@ -97,17 +83,13 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, P(spec(("batch",), rules)[0], None))
 
 
-def shard_batch(local_batch, mesh: jax.sharding.Mesh, rules):
-    """A tree of this process's [local_batch, T] numpy arrays -> global sharded jax.Arrays."""
-    sharding = batch_sharding(mesh, rules)
-    n = batch_devices(mesh, rules)
-
+def shard_batch(local_batch, sharding: NamedSharding):
+    """A tree of this process's [local_batch, T] numpy arrays -> global jax.Arrays laid out as
+    `sharding` (from `batch_sharding`). The rows must split over the batch-sharded devices:
+    `checks.check_batch_divisible` says so, with the fix, when a run is resolved."""
     def one(a):
         a = np.asarray(a)
-        global_rows = a.shape[0] * jax.process_count()
-        if global_rows % n:
-            raise ValueError(f"global batch of {global_rows} rows does not split over the {n} "
-                             f"batch-sharded devices; make train.batch_size a multiple of {n}")
-        return jax.make_array_from_process_local_data(sharding, a, (global_rows, *a.shape[1:]))
+        global_shape = (a.shape[0] * jax.process_count(), *a.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, a, global_shape)
 
     return jax.tree.map(one, local_batch)

@@ -78,21 +78,21 @@ def test_restore_onto_another_mesh(corpus, one_device, tmp_path):
     train(fsdp8, tmp_path, progress=False, stop_at=2)
     # The same checkpoint, onto 2 fsdp x 4 tp: identical values, the target shardings.
     from headwise import parallel
-    from headwise.train.optim import make_optimizer
-    from headwise.model import param_axes
+    from headwise.train.layout import resolve_run
+    from headwise.train.loop import build_program
+    from headwise.train.state import restore_or_create
     other = _config(corpus, "fsdp=2,tensor=4")
-    mesh = parallel.make_mesh(other.mesh)
-    rules, _ = parallel.resolve(other.mesh, mesh)
-    optimizer = make_optimizer(other.optim, other.train.steps, param_axes(other.model))
+    layout = resolve_run(other)
+    program = build_program(other, layout)  # as the run builds it
     manager = checkpoint.open_manager(tmp_path, keep=5)
-    from headwise.train.loop import initial_state
-    restored = initial_state(other, optimizer, mesh, rules, manager)
+    restored = restore_or_create(other.model, program.optimizer, other.train.seed,
+                                 program.shardings, manager)
     single = checkpoint.restore(manager, jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
         restored))[0]
     manager.close()
-    wanted = parallel.state_shardings(other.model, optimizer, mesh, rules)["params"]
+    wanted = parallel.param_shardings(other.model, layout.mesh, layout.rules)
     for a, b, s in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(single["params"]),
                        jax.tree.leaves(wanted)):
         assert a.sharding.is_equivalent_to(s, a.ndim)

@@ -9,9 +9,11 @@ import pytest
 
 from headwise import parallel
 from headwise.model import ModelConfig, forward, param_axes, param_shapes
-from headwise.train.config import MeshConfig, OptimConfig
+from headwise.train.config import MeshConfig, OptimConfig, RunConfig, TrainConfig
+from headwise.train.layout import Layout, resolve_run, shard_state
 from headwise.train.optim import learning_rate, make_optimizer
-from headwise.train.step import loss_and_grads
+from headwise.train.state import abstract_state, create_state
+from headwise.train.step import loss_and_grads, make_eval_step, make_train_step
 
 # Every sharded dimension divides the meshes below; 8 heads so tp=4 leaves 2 per device.
 CFG = ModelConfig.preset("tiny", n_heads=8, d_head=8, d_model=32, d_mlp=64, vocab_size=64,
@@ -45,6 +47,12 @@ def _mesh(name):
     return parallel.make_mesh(mesh_cfg, jax.devices()[:n]), parallel.get_rules(strategy)
 
 
+def _shardings(name):
+    """The train state's shardings on this mesh, as a run derives them (train.layout)."""
+    mesh, rules = _mesh(name)
+    return shard_state(abstract_state(CFG, OPTIMIZER), CFG, Layout(mesh, rules, MESHES[name][2]))
+
+
 def _run(name, grad_accum=1):
     return _run_once(name, grad_accum)  # one cache key however it is called
 
@@ -55,28 +63,25 @@ def _run_once(name, grad_accum):
     plus the live state, batch and jitted step. Cached: each mesh compiles once per session."""
     mesh, rules = _mesh(name)
     parallel.check_divisible(CFG, mesh, rules, BATCH, grad_accum)
-    params = parallel.init_sharded(CFG, jax.random.key(0), mesh, rules, **FAST)
-    batch = parallel.shard_batch(_batch(), mesh, rules)
-    p_sh = parallel.param_shardings(CFG, mesh, rules)
+    shardings = _shardings(name)
+    state = create_state(CFG, OPTIMIZER, 0, shardings.state, **FAST)
+    batch = parallel.shard_batch(_batch(), shardings.batch)
 
     def evaluate(params, batch):
         logits = forward(params, batch["inputs"], CFG)
         value, grads = loss_and_grads(params, batch, CFG)
         return value, logits, grads
 
-    evaluate = jax.jit(parallel.under_rules(evaluate, mesh, rules),
-                       out_shardings=(parallel.replicated(mesh), None, p_sh), **FAST)
+    evaluate = jax.jit(parallel.under_rules(evaluate, mesh, rules), **FAST,
+                       out_shardings=(shardings.replicated, None, shardings.state["params"]))
     # With accumulation only the step is compared (the plain run already covers the rest).
     loss, logits, grads, logits_shard = (None,) * 4
     if grad_accum == 1:
-        loss, logits, grads = evaluate(params, batch)
+        loss, logits, grads = evaluate(state["params"], batch)
         logits_shard = logits.sharding.shard_shape(logits.shape)
         loss, logits, grads = jax.device_get((loss, logits, grads))
-    host_params = jax.device_get(params)
-    state = parallel.init_sharded_state(CFG, params, OPTIMIZER, jax.random.key(1), mesh, rules,
-                                        **FAST)
-    step = parallel.make_sharded_train_step(CFG, OPTIMIZER, SCHEDULE, mesh, rules, grad_accum,
-                                            **FAST)
+    host_params = jax.device_get(state["params"])
+    step = make_train_step(CFG, OPTIMIZER, SCHEDULE, grad_accum, shardings, **FAST)
     state, metrics = step(state, batch)
     return dict(params=host_params, loss=loss, logits=logits, grads=grads, logits_shard=logits_shard,
                 step_loss=float(metrics["loss"]), new_params=jax.device_get(state["params"]),
@@ -144,12 +149,11 @@ def test_grad_accum_matches_one_device():
 
 
 def test_sharded_eval_step():
-    mesh, rules = _mesh("fsdp2xtp4")
-    evaluate = parallel.make_sharded_eval_step(CFG, mesh, rules, **FAST)
+    evaluate = make_eval_step(CFG, _shardings("fsdp2xtp4"), **FAST)
     run = _run("fsdp2xtp4")
     value = float(evaluate(run["state"]["params"], run["batch"]))
     one = _reference()
-    evaluate_one = parallel.make_sharded_eval_step(CFG, one["mesh"], "dp", **FAST)
+    evaluate_one = make_eval_step(CFG, _shardings("1"), **FAST)
     expected = float(evaluate_one(one["state"]["params"], one["batch"]))
     assert abs(value - expected) <= 1e-6 * expected and value < one["loss"]  # after one step
 
@@ -242,8 +246,8 @@ def test_heads_must_divide_tensor(no_compiling):
         parallel.check_divisible(cfg, mesh, "tp")
     with pytest.raises(ValueError, match=r"n_heads=3 .*tensor=2"):
         parallel.init_sharded(cfg, jax.random.key(0), mesh, "tp")
-    with pytest.raises(ValueError, match=r"n_heads=3 .*tensor=2"):
-        parallel.make_sharded_train_step(cfg, OPTIMIZER, SCHEDULE, mesh, "tp")
+    with pytest.raises(ValueError, match=r"n_heads=3 .*tensor=2"):  # a run, when resolved
+        resolve_run(RunConfig(model=cfg, mesh=MeshConfig(data=4, tensor=2, strategy="tp")))
     with pytest.raises(ValueError, match=r"vocab_size=61 .*tensor=2.*multiple of 2"):
         parallel.check_divisible(ModelConfig.preset("tiny", n_heads=4), mesh, "tp")
 
@@ -251,12 +255,16 @@ def test_heads_must_divide_tensor(no_compiling):
 def test_batch_must_divide_data_fsdp_and_accumulation(no_compiling):
     mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=4))
     parallel.check_divisible(CFG, mesh, "fsdp", 16, 2)
-    with pytest.raises(ValueError, match=r"batch_size=12 .*data=2\*fsdp=4 \* train.grad_accum=1"):
+    with pytest.raises(ValueError, match=r"batch_size=12 .*data=2\*fsdp=4 \* train.grad_accum=1"
+                                         r".*multiple of 8"):
         parallel.check_divisible(CFG, mesh, "fsdp", 12)
     with pytest.raises(ValueError, match=r"batch_size=8 .*grad_accum=2 = 16"):
         parallel.check_divisible(CFG, mesh, "fsdp", 8, 2)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        parallel.shard_batch({"inputs": np.zeros((12, 4), np.int32)}, mesh, "fsdp")
+    # A run checks it when it is resolved (not again per batch).
+    run = RunConfig(model=CFG, train=TrainConfig(batch_size=12),
+                    mesh=MeshConfig(data=2, fsdp=4, strategy="fsdp"))
+    with pytest.raises(ValueError, match=r"batch_size=12 .*multiple of 8"):
+        resolve_run(run)
 
 
 def test_unknown_strategy_and_unused_axis(no_compiling):
@@ -283,3 +291,28 @@ def test_shardings_table_bytes_match_the_real_shards():
     real = sum(s.data.nbytes for leaf in jax.tree.leaves(params)
                for s in leaf.addressable_shards if s.device == device0)
     assert claimed == real
+
+
+# --- Layering: model <- parallel <- train --------------------------------------------------
+
+def test_parallel_imports_nothing_from_train():
+    """parallel/ shards whatever trees and functions it is handed: no module of it names
+    headwise.train, at the top or inside a function."""
+    import ast
+    import pathlib
+    folder = pathlib.Path(parallel.__file__).parent
+    modules = sorted(folder.glob("*.py"))
+    assert {p.stem for p in modules} >= {"__init__", "checks", "mesh", "rules", "shardings"}
+    for path in modules:
+        source = path.read_text()
+        assert "headwise.train" not in source, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1, f"{path.name} imports from {'.' * node.level}{node.module}"
+
+
+def test_mesh_axes_are_named_once():
+    """MeshConfig has one size field per mesh axis, in the mesh's order."""
+    fields = [f.name for f in dataclasses.fields(MeshConfig)]
+    assert tuple(fields[:len(parallel.AXES)]) == parallel.AXES
+    assert parallel.make_mesh(MeshConfig(data=8)).axis_names == parallel.AXES

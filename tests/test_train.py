@@ -1,4 +1,5 @@
 """Training end to end: learning, exact resume, accumulation, decay mask, config errors."""
+import collections
 import json
 import pathlib
 
@@ -64,6 +65,38 @@ def test_resume_is_exact(corpus, tmp_path):
     p1, _ = checkpoint.load_model(tmp_path / "straight")
     p2, _ = checkpoint.load_model(tmp_path / "resumed")
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
+
+
+def test_a_run_lays_out_its_state_once(corpus, tmp_path, monkeypatch):
+    """The shape-first pattern, once per run, fresh or resumed: one eval_shape of the state, one
+    tree of state shardings, and each divisibility rule checked once, when the run is resolved."""
+    from headwise import parallel
+    from headwise.parallel import checks
+    from headwise.train import loop
+    calls = collections.Counter()
+
+    def count(module, name):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+
+    count(loop, "abstract_state")
+    count(parallel, "state_shardings")
+    count(parallel, "param_shardings")
+    for name in ("check_mesh_used", "check_params_divisible", "check_batch_divisible",
+                 "check_processes"):
+        count(checks, name)
+    cfg = load_config(None, TINY + [f"data.path={corpus}", "train.steps=2", "train.eval_steps=1"])
+    once = dict.fromkeys(["abstract_state", "state_shardings", "param_shardings", "check_mesh_used",
+                          "check_params_divisible", "check_batch_divisible", "check_processes"], 1)
+    train(cfg, tmp_path, progress=False, stop_at=1)
+    assert calls == once
+    calls.clear()
+    assert train(cfg, tmp_path, progress=False)["start_step"] == 1  # resumed
+    assert calls == once
 
 
 def test_grad_accumulation_equals_one_batch():

@@ -82,7 +82,8 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def _describe(leaf) -> str:
+def _shape_dtype(leaf) -> str:
+    """'(4, 8) float32': what the compatibility check compares and prints."""
     return f"{tuple(leaf.shape)} {jax.numpy.dtype(leaf.dtype).name}"
 
 
@@ -91,9 +92,9 @@ def _differences(stored: dict, wanted: dict, partial: bool) -> list[str]:
     if not partial:
         lines += [f"{'/'.join(k)}: in the checkpoint, not in the target"
                   for k in stored if k not in wanted]
-    lines += [f"{'/'.join(k)}: checkpoint has {_describe(stored[k])}, target wants "
-              f"{_describe(leaf)}" for k, leaf in wanted.items()
-              if k in stored and _describe(stored[k]) != _describe(leaf)]
+    lines += [f"{'/'.join(k)}: checkpoint has {_shape_dtype(stored[k])}, target wants "
+              f"{_shape_dtype(leaf)}" for k, leaf in wanted.items()
+              if k in stored and _shape_dtype(stored[k]) != _shape_dtype(leaf)]
     return lines
 
 

@@ -19,15 +19,17 @@ def _default_run_dir(config: str | None) -> pathlib.Path:
 
 def _mesh_overrides(text: str | None) -> list[str]:
     """--mesh data=2,fsdp=2,tensor=2 -> mesh.* overrides; axes not named are 1."""
+    from headwise.parallel import AXES
     if not text:
         return []
     given = dict(part.split("=", 1) if "=" in part else (part, "")
                  for part in text.replace(" ", "").split(","))
-    unknown = set(given) - {"data", "fsdp", "tensor", "strategy"}
+    unknown = set(given) - {*AXES, "strategy"}
     if unknown or any(not v for v in given.values()):
-        raise ValueError(f"--mesh expects axis=size pairs over data, fsdp, tensor (and "
-                         f"optionally strategy=NAME), e.g. data=2,fsdp=2,tensor=2; got {text!r}")
-    axes = {"data": "1", "fsdp": "1", "tensor": "1", **given}
+        example = ",".join(f"{a}=2" for a in AXES)
+        raise ValueError(f"--mesh expects axis=size pairs over {', '.join(AXES)} (and "
+                         f"optionally strategy=NAME), e.g. {example}; got {text!r}")
+    axes = {**dict.fromkeys(AXES, "1"), **given}
     return [f"mesh.{k}={v if k != 'strategy' else repr(v)}" for k, v in axes.items()]
 
 
@@ -43,13 +45,11 @@ def _run_config(args, run_dir: pathlib.Path | None = None):
 
 
 def _shardings(args) -> None:
-    from headwise import parallel
     from headwise.parallel.table import shardings_table
+    from .layout import resolve_run
     cfg = _run_config(args)
-    mesh = parallel.make_mesh(cfg.mesh)
-    rules, strategy = parallel.resolve(cfg.mesh, mesh)
-    parallel.check_divisible(cfg.model, mesh, rules, cfg.train.batch_size, cfg.train.grad_accum)
-    print(shardings_table(cfg.model, mesh, rules, strategy))
+    layout = resolve_run(cfg)
+    print(shardings_table(cfg.model, layout.mesh, layout.rules, layout.strategy))
 
 
 def _train(args) -> None:
@@ -87,8 +87,6 @@ def _prompt_text(args) -> str:
 
 
 def _sample(args) -> None:
-    import jax
-    from headwise.model.decode import generate_stream_sliding
     from .checkpoint import load_model
     from .data import tokenizer_from_json
     if args.num_samples < 1:
@@ -106,17 +104,25 @@ def _sample(args) -> None:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} of {args.num_samples} ---")
         print(text, end="", flush=True)
-        new, shown = [], ""
-        for token in generate_stream_sliding(
-                params, cfg, prompt, args.max_new_tokens,
-                key=jax.random.fold_in(jax.random.key(args.seed), i),
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
-            new.append(token)
-            decoded = tokenizer.decode(new)
-            if not decoded.endswith("\ufffd"):
-                print(decoded[len(shown):], end="", flush=True)
-                shown = decoded
-        print(tokenizer.decode(new)[len(shown):])
+        _print_continuation(params, cfg, tokenizer, prompt, args, i)
+
+
+def _print_continuation(params, cfg, tokenizer, prompt: list[int], args, i: int) -> None:
+    """Sample `i` of the prompt, printed as it comes; a character split over tokens waits for
+    its last byte."""
+    import jax
+    from headwise.model.decode import generate_stream_sliding
+    new, shown = [], ""
+    for token in generate_stream_sliding(
+            params, cfg, prompt, args.max_new_tokens,
+            key=jax.random.fold_in(jax.random.key(args.seed), i),
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p):
+        new.append(token)
+        decoded = tokenizer.decode(new)
+        if not decoded.endswith("\ufffd"):
+            print(decoded[len(shown):], end="", flush=True)
+            shown = decoded
+    print(tokenizer.decode(new)[len(shown):])
 
 
 def _import_hf(args) -> None:
@@ -144,16 +150,8 @@ def _start(args) -> None:
                           auto=args.distributed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from headwise.model import PRESETS
-    parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    params = commands.add_parser("params", help="where a model's parameters are")
-    params.add_argument("--preset", default="gpt3-175b", choices=list(PRESETS),
-                        metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
-    params.set_defaults(run=_params)
-
+def _run_options() -> argparse.ArgumentParser:
+    """The options every command that resolves a run takes: config, overrides, mesh, hosts."""
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--config", help="a TOML file, or the name of one in configs/")
     run.add_argument("--set", nargs="+", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -167,16 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--process-id", type=int)
     hosts.add_argument("--distributed", action="store_true",
                        help="start JAX's runtime from the cluster (SLURM, Open MPI, TPU pod ...)")
+    return run
 
+
+def _add_params(commands, run) -> None:
+    from headwise.model import PRESETS
+    params = commands.add_parser("params", help="where a model's parameters are")
+    params.add_argument("--preset", default="gpt3-175b", choices=list(PRESETS),
+                        metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    params.set_defaults(run=_params)
+
+
+def _add_train(commands, run) -> None:
     train = commands.add_parser("train", parents=[run], help="train a model (default: a small "
                                 "byte-level GPT on the Python standard library's sources, on the CPU)")
     train.add_argument("--run-dir", help="where logs and checkpoints go; an existing run resumes")
     train.set_defaults(run=_train)
 
+
+def _add_shardings(commands, run) -> None:
     shardings = commands.add_parser("shardings", parents=[run], help="every parameter's "
                                     "logical axes, mesh sharding and bytes per device")
     shardings.set_defaults(run=_shardings)
 
+
+def _add_sample(commands, run) -> None:
     sample = commands.add_parser("sample", help="generate text from a trained run")
     sample.add_argument("--run-dir", required=True)
     source = sample.add_mutually_exclusive_group(required=True)
@@ -190,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(run=_sample)
 
+
+def _add_hf(commands, run) -> None:
     import_hf = commands.add_parser("import-hf", help="a run directory from a local GPT-2 folder "
                                     "(config.json + model.safetensors)")
     import_hf.add_argument("--gpt2", required=True, metavar="LOCAL_DIR")
@@ -200,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     export_hf.add_argument("--run-dir", required=True)
     export_hf.add_argument("--out", required=True, metavar="LOCAL_DIR")
     export_hf.set_defaults(run=_export_hf)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One sub-parser per command; `train` and `shardings` share the run options."""
+    parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = _run_options()
+    for add in (_add_params, _add_train, _add_shardings, _add_sample, _add_hf):
+        add(commands, run)
     return parser
 
 

@@ -7,6 +7,7 @@ import typing
 import tomli_w
 
 from headwise.model import ModelConfig
+from headwise.parallel import AXES, RULES
 
 from .data import DataConfig
 
@@ -70,8 +71,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Device mesh axes (data, fsdp, tensor) and the sharding strategy (a name in
-    headwise.parallel.RULES, or 'auto')."""
+    """Device mesh axes (one field per name in headwise.parallel.AXES) and the sharding strategy
+    (a name in headwise.parallel.RULES, or 'auto')."""
 
     data: int = -1  # all the devices there are: plain data parallel
     fsdp: int = 1
@@ -81,8 +82,7 @@ class MeshConfig:
     rules: tuple = ()
 
     def __post_init__(self):
-        from headwise.parallel.rules import RULES  # here: parallel imports train.step
-        for name in ("data", "fsdp", "tensor"):
+        for name in AXES:
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 raise ValueError(f"mesh.{name} must be positive or -1 (the remaining devices), "
                                  f"got {getattr(self, name)}")
@@ -97,13 +97,12 @@ class MeshConfig:
 
 def _rule(rule) -> tuple:
     """One [logical name, mesh axis | [mesh axes] | null] pair, as a hashable tuple."""
-    axes = ("data", "fsdp", "tensor")
     if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
         raise ValueError(f"mesh.rules entries are [logical_name, mesh_axes] pairs, got {rule!r}")
     name, target = rule
     names = [target] if isinstance(target, str) else list(target or [])
-    if any(n not in axes for n in names):
-        raise ValueError(f"mesh.rules: {target!r} for {name!r} is not among the mesh axes {axes}")
+    if any(n not in AXES for n in names):
+        raise ValueError(f"mesh.rules: {target!r} for {name!r} is not among the mesh axes {AXES}")
     return (name, target if isinstance(target, str) or target is None else tuple(target))
 
 

@@ -1,139 +1,95 @@
-"""The training loop: data, state (fresh or resumed), steps, evals, logs, checkpoints, a sample."""
-import json
+"""The training loop: resolve the run, load its data, build its state, step, finish."""
+import dataclasses
 import pathlib
 import signal
 import threading
-import time
+from typing import Callable
 
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from headwise import parallel
-from headwise.model import flops_per_token, init_params, param_axes
+from headwise.model import flops_per_token, param_axes
 from headwise.model.decode import generate_stream_sliding
 
 from . import checkpoint
 from .config import RunConfig, to_dict, write_config
 from .data import Dataset, check_fits, get_batch, load_dataset
+from .layout import Layout, StateShardings, resolve_run, shard_state
+from .metrics import MetricsLog, Speedometer, peak_flops, unigram_loss
 from .optim import learning_rate, make_optimizer
-from .step import init_state
-
-# Dense bf16 peak FLOP/s per chip, for MFU when train.peak_flops is 0.
-_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12, "v5e": 197e12,
-               "v6 lite": 918e12, "v5p": 459e12, "v5": 459e12, "v4": 275e12, "cpu": 1e11}
+from .state import abstract_state, restore_or_create
+from .step import make_eval_step, make_train_step
 
 
-def peak_flops(cfg: RunConfig) -> float:
-    """Per-device peak FLOP/s: the configured one, else a table lookup by device kind."""
-    if cfg.train.peak_flops:
-        return cfg.train.peak_flops
-    kind = jax.devices()[0].device_kind.lower()
-    return next((v for k, v in _PEAK_FLOPS.items() if k in kind), _PEAK_FLOPS["cpu"])
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The optimizer, the train state's shardings and the jitted steps: built once per run."""
+
+    optimizer: optax.GradientTransformation
+    shardings: StateShardings
+    train_step: Callable
+    eval_step: Callable
 
 
-def unigram_loss(tokens: np.ndarray, vocab_size: int, most: int = 1 << 24) -> float:
-    """Entropy (nats/token) of the token frequencies: what a model that ignores context gets.
-    Counted over at most `most` evenly spaced tokens, so a corpus of billions starts quickly."""
-    sample = np.asarray(tokens[::max(1, len(tokens) // most)])
-    counts = np.bincount(sample, minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run fixes before its first step, passed down to every stage."""
+
+    cfg: RunConfig
+    run_dir: pathlib.Path
+    layout: Layout
+    data: Dataset
+    program: Program
+    show: bool  # this process prints progress (only the first one ever does)
+
+    def say(self, line: str) -> None:
+        if self.show:
+            tqdm.write(line)
 
 
-def _global_batch(tokens, cfg: RunConfig, step: int, seed: int, mesh, rules) -> dict:
-    """This process's rows of the global batch for `step`, as one sharded jax.Array each."""
-    inputs, targets = get_batch(tokens, seed=seed, step=step, batch_size=cfg.train.batch_size,
-                                context_length=cfg.model.context_length,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    return parallel.shard_batch({"inputs": inputs, "targets": targets}, mesh, rules)
+@dataclasses.dataclass
+class Outputs:
+    """Where a run writes as it goes: metrics, checkpoints, and the summary `train` returns."""
+
+    log: MetricsLog
+    manager: ocp.CheckpointManager
+    speed: Speedometer  # tokens/s and MFU between two log rows
+    summary: dict
 
 
-def evaluate(eval_step, params, data: Dataset, cfg: RunConfig, mesh, rules) -> float:
-    """Mean loss over the same `eval_steps` validation batches every time."""
-    losses = [eval_step(params, _global_batch(data.val, cfg, i, cfg.train.seed + 1, mesh, rules))
-              for i in range(cfg.train.eval_steps)]
-    return float(np.mean(jax.device_get(losses))) if losses else float("nan")
+def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
+          devices=None) -> dict:
+    """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
+    the data. `stop_at` ends early with a checkpoint, as a pre-empted job would; `devices`
+    (default: all) are the ones the mesh is made of."""
+    run_dir = pathlib.Path(run_dir).absolute()
+    layout = resolve_run(cfg, devices)  # mesh, rules and every divisibility check
+    data = load_data(cfg, run_dir)
+    run = Run(cfg, run_dir, layout, data, build_program(cfg, layout),
+              show=progress and jax.process_index() == 0)
+    announce(run)
+    manager = checkpoint.open_manager(run_dir, keep=cfg.train.keep_checkpoints)
+    state = restore_or_create(cfg.model, run.program.optimizer, cfg.train.seed,
+                              run.program.shardings, manager)
+    out = open_outputs(run, state, manager)
+    state = run_steps(run, state, out, stop_at)
+    return finish(run, state, out)
 
 
-def _tensorboard(run_dir: pathlib.Path):
-    """A TensorBoard event writer in run_dir/tensorboard when tensorboardX is installed
-    (`pip install headwise[tensorboard]`), else None."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(logdir=str(run_dir / "tensorboard"))
+def announce(run: Run) -> None:
+    """The data and the mesh, in a line each."""
+    data, mesh = run.data, run.layout.mesh
+    run.say(f"data: {data.description}; corpus hash {data.corpus_hash}")
+    run.say(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} "
+            f"device(s), {jax.process_count()} process(es), strategy {run.layout.strategy}")
 
 
-class MetricsLog:
-    """metrics.jsonl (one object per row), loss.png and TensorBoard events, in the run dir. Rows
-    past the step a run resumes from (written after its last checkpoint) are dropped, so the log
-    matches the state."""
-
-    def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True,
-                 baseline: float | None = None):
-        self.path, self.plot, self.enabled = run_dir / "metrics.jsonl", run_dir / "loss.png", enabled
-        self.baseline = baseline
-        self.rows, self.events = [], None
-        if enabled:  # other processes neither read nor write it
-            lines = self.path.read_text().splitlines() if self.path.exists() else []
-            self.rows = [r for r in map(json.loads, lines) if r["step"] <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-            self.events = _tensorboard(run_dir)
-
-    def write(self, row: dict) -> None:
-        self.rows.append(row)
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.events is not None:
-            for name, value in row.items():
-                if name != "step":
-                    self.events.add_scalar(name, value, row["step"])
-
-    def close(self) -> None:
-        if self.events is not None:
-            self.events.close()
-
-    def draw(self) -> None:
-        if not self.enabled:
-            return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4))
-        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
-        for points, label in ((train, "train"), (evals, "validation")):
-            if points:
-                ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-        if self.baseline is not None:
-            ax.axhline(self.baseline, color="gray", linestyle="--", label="unigram baseline")
-        ax.set(xlabel="step", ylabel="loss (nats/token)", title="headwise training")
-        ax.legend()
-        fig.savefig(self.plot, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-
-
-def initial_state(cfg: RunConfig, optimizer, mesh, rules, manager):
-    """The newest checkpoint, restored straight into this mesh's shardings (whatever mesh saved
-    it), or a fresh state born sharded."""
-    shardings = parallel.state_shardings(cfg.model, optimizer, mesh, rules)
-    key, init_key = jax.random.split(jax.random.key(cfg.train.seed))
-    if checkpoint.latest_step(manager) is not None:
-        shapes = jax.eval_shape(lambda k: init_state(init_params(cfg.model, k), optimizer, k), key)
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes, shardings)
-        return checkpoint.restore(manager, target)[0]
-    params = parallel.init_sharded(cfg.model, init_key, mesh, rules)
-    return parallel.init_sharded_state(cfg.model, params, optimizer, key, mesh, rules)
-
-
-def prepare(cfg: RunConfig, run_dir: pathlib.Path):
-    """Everything before the first step, each mistake caught before anything compiles."""
+def load_data(cfg: RunConfig, run_dir: pathlib.Path) -> Dataset:
+    """The dataset, checked against the model; the run folder with its config and tokenizer."""
     data = load_dataset(cfg.data, vocab_size=cfg.model.vocab_size)
     if data.tokenizer is not None and data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but "
@@ -148,23 +104,113 @@ def prepare(cfg: RunConfig, run_dir: pathlib.Path):
     return data
 
 
-class Speedometer:
-    """Tokens/s and MFU between two log points, leaving out compilation and evaluation."""
+def build_program(cfg: RunConfig, layout: Layout) -> Program:
+    """The shape-first pattern, once: the state's shapes (eval_shape), their shardings, and the
+    train and eval steps jitted with those shardings."""
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps, param_axes(cfg.model))
+    shardings = shard_state(abstract_state(cfg.model, optimizer), cfg.model, layout)
+    schedule = learning_rate(cfg.optim, cfg.train.steps)
+    return Program(optimizer, shardings,
+                   make_train_step(cfg.model, optimizer, schedule, cfg.train.grad_accum, shardings),
+                   make_eval_step(cfg.model, shardings))
 
-    def __init__(self, tokens_per_step: int, peak_fraction_per_step: float, step: int):
-        self.tokens, self.flops = tokens_per_step, peak_fraction_per_step
-        self.restart(step)
 
-    def restart(self, step: int) -> None:
-        self.clock, self.step = time.perf_counter(), step
+def open_outputs(run: Run, state: dict, manager: ocp.CheckpointManager) -> Outputs:
+    """The metrics log (cut back to the state's step) and the summary; a fresh run is evaluated
+    before its first step."""
+    start = int(state["step"])
+    if start:
+        run.say(f"resumed from step {start} in {run.run_dir}")
+    baseline = unigram_loss(run.data.train, run.data.vocab_size)
+    summary = {"unigram_loss": baseline, "start_step": start}
+    log = MetricsLog(run.run_dir, start, enabled=jax.process_index() == 0, baseline=baseline)
+    out = Outputs(log, manager, _speedometer(run, start), summary)
+    if start == 0:
+        summary["initial_eval_loss"] = log_eval(run, state["params"], out, 0)
+    return out
 
-    def exclude(self, seconds: float) -> None:
-        self.clock += seconds
 
-    def read(self, step: int) -> dict:
-        seconds, n = time.perf_counter() - self.clock, step - self.step
-        self.restart(step)
-        return {"tokens_per_s": self.tokens * n / seconds, "mfu": self.flops * n / seconds}
+def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
+    """Train from the state's step to `stop_at` (default: the end), logging, evaluating and
+    saving as the config says; Ctrl-C or SIGTERM stops after the step in flight, saved."""
+    t, start = run.cfg.train, int(state["step"])
+    last = t.steps if stop_at is None else min(stop_at, t.steps)
+    bar = tqdm(range(start, last), initial=start, total=t.steps, disable=not run.show,
+               desc="train", unit="step", dynamic_ncols=True)
+    with StopRequest() as stop:
+        for step in bar:
+            batch = global_batch(run, run.data.train, step, t.seed)
+            state, metrics = run.program.train_step(state, batch)
+            done, stopping = step + 1, stop.requested  # read once: a stop is always saved
+            if step == start:  # leave compilation out of tokens/s
+                jax.block_until_ready(metrics)
+                out.speed.restart(done)
+            if done % t.log_every == 0 or done == t.steps:
+                row = log_step(out, done, metrics)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+            if done % t.eval_every == 0 or done == t.steps:
+                with out.speed.paused():
+                    out.summary["eval_loss"] = log_eval(run, state["params"], out, done)
+            if done % t.checkpoint_every == 0 or done == last or stopping:
+                checkpoint.save(out.manager, done, state, to_dict(run.cfg))
+            if stopping:
+                run.say(f"stopped at step {done}, checkpoint saved: run again with the same "
+                        f"--run-dir to resume")
+                break
+    bar.close()
+    return state
+
+
+def log_step(out: Outputs, done: int, metrics: dict) -> dict:
+    """The step's metrics and the speed since the last row, as a metrics.jsonl row."""
+    row = {k: float(v) for k, v in jax.device_get(metrics).items()} | out.speed.read(done)
+    out.log.write({"step": done, **row})
+    return row
+
+
+def finish(run: Run, state: dict, out: Outputs) -> dict:
+    """Evaluate if the loop did not end on an eval, let pending saves land, and sum up."""
+    if "eval_loss" not in out.summary:  # stopped early, or the run had already finished
+        out.summary["eval_loss"] = evaluate(run, state["params"])
+    out.log.close()
+    out.manager.wait_until_finished()
+    out.manager.close()
+    return out.summary | dict(step=int(state["step"]), params=state["params"], data=run.data)
+
+
+def _speedometer(run: Run, start: int) -> Speedometer:
+    tokens_per_step = run.cfg.train.batch_size * run.cfg.model.context_length
+    peak_seconds = (flops_per_token(run.cfg.model) * tokens_per_step
+                    / (peak_flops(run.cfg) * run.layout.mesh.size))
+    return Speedometer(tokens_per_step, peak_seconds, start)
+
+
+def global_batch(run: Run, tokens, step: int, seed: int) -> dict:
+    """This process's rows of the global batch for `step`, as one sharded jax.Array each."""
+    inputs, targets = get_batch(tokens, seed=seed, step=step, batch_size=run.cfg.train.batch_size,
+                                context_length=run.cfg.model.context_length,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    return parallel.shard_batch({"inputs": inputs, "targets": targets},
+                                run.program.shardings.batch)
+
+
+def evaluate(run: Run, params) -> float:
+    """Mean loss over the same `eval_steps` validation batches every time."""
+    t = run.cfg.train
+    losses = [run.program.eval_step(params, global_batch(run, run.data.val, i, t.seed + 1))
+              for i in range(t.eval_steps)]
+    return float(np.mean(jax.device_get(losses))) if losses else float("nan")
+
+
+def log_eval(run: Run, params, out: Outputs, step: int) -> float:
+    """`evaluate`, written to the metrics and shown against the unigram baseline."""
+    value = evaluate(run, params)
+    out.log.write({"step": step, "eval_loss": value})
+    out.log.draw()
+    run.say(f"step {step}: validation loss {value:.4f} "
+            f"(unigram baseline {out.summary['unigram_loss']:.4f})")
+    return value
 
 
 class StopRequest:
@@ -187,84 +233,11 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def __enter__(self) -> "StopRequest":
+        return self
 
-def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
-          devices=None) -> dict:
-    """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
-    the data. `stop_at` ends early with a checkpoint, as a pre-empted job would; `devices`
-    (default: all) are the ones the mesh is made of."""
-    run_dir = pathlib.Path(run_dir).absolute()
-    t, steps = cfg.train, cfg.train.steps
-    mesh = parallel.make_mesh(cfg.mesh, devices)
-    rules, strategy = parallel.resolve(cfg.mesh, mesh)
-    parallel.check_divisible(cfg.model, mesh, rules, t.batch_size, t.grad_accum)
-    data = prepare(cfg, run_dir)
-    lead = jax.process_index() == 0  # only the first process prints and writes logs
-    say = tqdm.write if progress and lead else (lambda s: None)
-    say(f"data: {data.description}; corpus hash {data.corpus_hash}")
-    say(f"mesh: {dict(mesh.shape)} over {mesh.size} {jax.devices()[0].platform} "
-        f"device(s), {jax.process_count()} process(es), strategy {strategy}")
-    optimizer = make_optimizer(cfg.optim, steps, param_axes(cfg.model))
-    train_step = parallel.make_sharded_train_step(
-        cfg.model, optimizer, learning_rate(cfg.optim, steps), mesh, rules, t.grad_accum)
-    eval_step = parallel.make_sharded_eval_step(cfg.model, mesh, rules)
-    manager = checkpoint.open_manager(run_dir, keep=t.keep_checkpoints)
-    state = initial_state(cfg, optimizer, mesh, rules, manager)
-    start = int(state["step"])
-    if start:
-        say(f"resumed from step {start} in {run_dir}")
-    summary = {"unigram_loss": unigram_loss(data.train, data.vocab_size), "start_step": start}
-    log = MetricsLog(run_dir, start, enabled=lead, baseline=summary["unigram_loss"])
-
-    def run_eval(step: int) -> float:
-        value = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
-        log.write({"step": step, "eval_loss": value})
-        log.draw()
-        say(f"step {step}: validation loss {value:.4f} "
-            f"(unigram baseline {summary['unigram_loss']:.4f})")
-        return value
-
-    if start == 0:
-        summary["initial_eval_loss"] = run_eval(0)
-    tokens_per_step = t.batch_size * cfg.model.context_length
-    speed = Speedometer(tokens_per_step, flops_per_token(cfg.model) * tokens_per_step
-                        / (peak_flops(cfg) * mesh.size), start)
-    last = steps if stop_at is None else min(stop_at, steps)
-    bar = tqdm(range(start, last), initial=start, total=steps, disable=not (progress and lead),
-               desc="train", unit="step", dynamic_ncols=True)
-    stop = StopRequest()
-    try:
-        for step in bar:
-            batch = _global_batch(data.train, cfg, step, t.seed, mesh, rules)
-            state, metrics = train_step(state, batch)
-            done = step + 1
-            if step == start:  # leave compilation out of tokens/s
-                jax.block_until_ready(metrics)
-                speed.restart(done)
-            if done % t.log_every == 0 or done == steps:
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()} | speed.read(done)
-                log.write({"step": done, **row})
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            if done % t.eval_every == 0 or done == steps:
-                started = time.perf_counter()
-                summary["eval_loss"] = run_eval(done)
-                speed.exclude(time.perf_counter() - started)
-            if done % t.checkpoint_every == 0 or done == last or stop.requested:
-                checkpoint.save(manager, done, state, to_dict(cfg))
-            if stop.requested:
-                say(f"stopped at step {done}, checkpoint saved: run again with the same --run-dir "
-                    f"to resume")
-                break
-    finally:
-        stop.restore()
-    bar.close()
-    if "eval_loss" not in summary:  # stopped early, or the run had already finished
-        summary["eval_loss"] = evaluate(eval_step, state["params"], data, cfg, mesh, rules)
-    log.close()
-    manager.wait_until_finished()
-    manager.close()
-    summary.update(step=int(state["step"]), params=state["params"], data=data)
-    return summary
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def sample_text(params, cfg: RunConfig, data: Dataset, prompt: str, n_tokens: int, seed: int = 0,

@@ -1,11 +1,14 @@
-"""The jitted train and eval steps: pure functions of (state, batch)."""
+"""The train and eval steps: pure functions of (state, batch), and the one place they are jitted."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from headwise import parallel
 from headwise.model import ModelConfig, loss
+
+from .layout import StateShardings
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation, key: jax.Array) -> dict:
@@ -52,8 +55,27 @@ def train_step(state: dict, batch: dict, *, cfg: ModelConfig, optimizer, schedul
     return new_state, metrics
 
 
-def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1, **jit_kwargs):
-    """`train_step` jitted with the state donated (its buffers are reused for the new state)."""
+def _batch_tree(sharding) -> dict:
+    return {"inputs": sharding, "targets": sharding}
+
+
+def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1,
+                    shardings: StateShardings | None = None, **jit_kwargs):
+    """`train_step` jitted with the state donated (its buffers are reused for the new state).
+    With `shardings` (train.layout), traced under the mesh's rules, the state and batch laid out
+    as those say and the metrics replicated; without, wherever its arguments are."""
     step = functools.partial(train_step, cfg=cfg, optimizer=optimizer, schedule=schedule,
                              grad_accum=grad_accum)
+    if shardings is not None:
+        step = parallel.under_rules(step, shardings.mesh, shardings.rules)
+        jit_kwargs.update(in_shardings=(shardings.state, _batch_tree(shardings.batch)),
+                          out_shardings=(shardings.state, shardings.replicated))
     return jax.jit(step, donate_argnums=0, **jit_kwargs)
+
+
+def make_eval_step(cfg: ModelConfig, shardings: StateShardings, **jit_kwargs):
+    """Mean loss of a sharded batch under the state's sharded params."""
+    evaluate = lambda params, batch: loss(params, batch["inputs"], batch["targets"], cfg)
+    return jax.jit(parallel.under_rules(evaluate, shardings.mesh, shardings.rules),
+                   in_shardings=(shardings.state["params"], _batch_tree(shardings.batch)),
+                   out_shardings=shardings.replicated, **jit_kwargs)

@@ -1,0 +1,117 @@
+"""What a run reports as it goes: metrics.jsonl, loss.png, TensorBoard events, tokens/s and MFU."""
+import contextlib
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from .config import RunConfig
+
+# Dense bf16 peak FLOP/s per chip, for MFU when train.peak_flops is 0.
+_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12, "v5e": 197e12,
+               "v6 lite": 918e12, "v5p": 459e12, "v5": 459e12, "v4": 275e12, "cpu": 1e11}
+
+
+def peak_flops(cfg: RunConfig) -> float:
+    """Per-device peak FLOP/s: the configured one, else a table lookup by device kind."""
+    if cfg.train.peak_flops:
+        return cfg.train.peak_flops
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in _PEAK_FLOPS.items() if k in kind), _PEAK_FLOPS["cpu"])
+
+
+def unigram_loss(tokens: np.ndarray, vocab_size: int, most: int = 1 << 24) -> float:
+    """Entropy (nats/token) of the token frequencies: what a model that ignores context gets.
+    Counted over at most `most` evenly spaced tokens, so a corpus of billions starts quickly."""
+    sample = np.asarray(tokens[::max(1, len(tokens) // most)])
+    counts = np.bincount(sample, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _tensorboard(run_dir: pathlib.Path):
+    """A TensorBoard event writer in run_dir/tensorboard when tensorboardX is installed
+    (`pip install headwise[tensorboard]`), else None."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(logdir=str(run_dir / "tensorboard"))
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per row), loss.png and TensorBoard events, in the run dir. Rows
+    past the step a run resumes from (written after its last checkpoint) are dropped, so the log
+    matches the state."""
+
+    def __init__(self, run_dir: pathlib.Path, start_step: int, enabled: bool = True,
+                 baseline: float | None = None):
+        self.path, self.plot, self.enabled = run_dir / "metrics.jsonl", run_dir / "loss.png", enabled
+        self.baseline = baseline
+        self.rows, self.events = [], None
+        if enabled:  # other processes neither read nor write it
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            self.rows = [r for r in map(json.loads, lines) if r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            self.events = _tensorboard(run_dir)
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.events is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self.events.add_scalar(name, value, row["step"])
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
+        for points, label in ((train, "train"), (evals, "validation")):
+            if points:
+                ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+        if self.baseline is not None:
+            ax.axhline(self.baseline, color="gray", linestyle="--", label="unigram baseline")
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title="headwise training")
+        ax.legend()
+        fig.savefig(self.plot, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+class Speedometer:
+    """Tokens/s and MFU between two log points, leaving out compilation and evaluation.
+    `peak_seconds_per_step`: the seconds one step would take at the devices' peak FLOP/s."""
+
+    def __init__(self, tokens_per_step: int, peak_seconds_per_step: float, step: int):
+        self.tokens_per_step, self.peak_seconds_per_step = tokens_per_step, peak_seconds_per_step
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.clock, self.step = time.perf_counter(), step
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (evaluations) out of the next reading."""
+        started = time.perf_counter()
+        yield
+        self.clock += time.perf_counter() - started
+
+    def read(self, step: int) -> dict:
+        seconds, n = time.perf_counter() - self.clock, step - self.step
+        self.restart(step)
+        return {"tokens_per_s": self.tokens_per_step * n / seconds,
+                "mfu": self.peak_seconds_per_step * n / seconds}

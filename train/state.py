@@ -1,0 +1,37 @@
+"""The train state, shape first: its shapes once, then created or restored into its shardings."""
+import functools
+
+import jax
+import optax
+
+from headwise.model import ModelConfig, init_params
+
+from . import checkpoint
+from .step import init_state
+
+
+def _fresh_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array) -> dict:
+    """The state a run starts from: params from one half of the run's key, the other half kept
+    in the state."""
+    key, init_key = jax.random.split(key)
+    return init_state(init_params(cfg, init_key), optimizer, key)
+
+
+def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation) -> dict:
+    """The train state's shapes and dtypes (`jax.eval_shape`: nothing computed or allocated)."""
+    return jax.eval_shape(functools.partial(_fresh_state, cfg, optimizer), jax.random.key(0))
+
+
+def create_state(cfg: ModelConfig, optimizer, seed: int, shardings: dict, **jit_kwargs) -> dict:
+    """A fresh state born sharded as `shardings` says: no device ever holds the whole tree."""
+    make = jax.jit(functools.partial(_fresh_state, cfg, optimizer), out_shardings=shardings,
+                   **jit_kwargs)
+    return make(jax.random.key(seed))
+
+
+def restore_or_create(cfg: ModelConfig, optimizer, seed: int, shardings, manager) -> dict:
+    """The newest checkpoint in `manager`, restored straight into `shardings` (a
+    layout.StateShardings; whatever mesh saved it), or a fresh state born sharded."""
+    if checkpoint.latest_step(manager) is not None:
+        return checkpoint.restore(manager, shardings.abstract)[0]
+    return create_state(cfg, optimizer, seed, shardings.state)
