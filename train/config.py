@@ -1,5 +1,6 @@
 """Run configs: TOML sections into typed, frozen dataclasses, with checked `--set` overrides."""
 import dataclasses
+import importlib.util
 import pathlib
 import tomllib
 import typing
@@ -10,8 +11,6 @@ from headwise.model import ModelConfig
 from headwise.parallel import AXES, RULES
 
 from .data import DataConfig
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def _check_positive(section: str, obj, names: tuple[str, ...], allow_zero: bool = False) -> None:
@@ -162,17 +161,30 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key.strip(), value
 
 
+def _config_dirs() -> list[pathlib.Path]:
+    """The folders of headwise.configs: configs/ in a checkout, package data when installed."""
+    spec = importlib.util.find_spec("headwise.configs")
+    if spec is None:
+        raise FileNotFoundError("headwise.configs (the configs/ folder) is not installed: "
+                                "reinstall headwise, e.g. pip install -e .")
+    # A namespace package (configs/ is data, no __init__.py). Not importlib.resources: on Python
+    # 3.11 it fails on an editable install's path, whose import-hook entry is not a folder.
+    return [pathlib.Path(p) for p in spec.submodule_search_locations if pathlib.Path(p).is_dir()]
+
+
 def find_config(name_or_path: str) -> pathlib.Path:
     """A path to a TOML file, or the name of one in configs/ (`shakespeare_char`)."""
     path = pathlib.Path(name_or_path)
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
-    if named.is_file():
-        return named
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))) or "none found"
+    folders = _config_dirs()
+    for folder in folders:
+        named = folder / f"{name_or_path.removesuffix('.toml')}.toml"
+        if named.is_file():
+            return named
+    known = ", ".join(sorted({p.stem for d in folders for p in d.glob("*.toml")})) or "none found"
     raise FileNotFoundError(f"--config {name_or_path!r} is neither a file nor a config in "
-                            f"{CONFIG_DIR} (known: {known})")
+                            f"{', '.join(map(str, folders))} (known: {known})")
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
