@@ -1,5 +1,5 @@
 """Logical names for activations, as the parameters have. A no-op unless a sharding layer is
-tracing the model under logical-axis rules and a mesh (see headwise.parallel.step): the model
+tracing the model under logical-axis rules and a mesh (see headwise.parallel.under_rules): the model
 names what an axis IS, never which devices it goes to."""
 from flax.linen import with_logical_constraint
 

@@ -2,10 +2,16 @@
 import json
 import pathlib
 
+import jax
 import numpy as np
 
-from headwise.model import ModelConfig, param_shapes
+from headwise.model import ModelConfig, param_axes, param_shapes
 
+from . import checkpoint
+from .config import RunConfig, to_dict, write_config
+from .data import DataConfig, HFTokenizer, tokenizer_from_json
+from .optim import make_optimizer
+from .step import init_state
 from .tokenizers import import_tokenizers_library
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -184,7 +190,6 @@ def _layer(take: _Taker, i: int, cfg: ModelConfig) -> dict:
 
 def params_from_tensors(tensors: dict, cfg: ModelConfig) -> dict:
     """GPT-2's named tensors as headwise's parameter tree (numpy float32, layers stacked)."""
-    import jax
     take = _Taker(tensors, _prefix(tensors))
     D = cfg.d_model
     layers = [_layer(take, i, cfg) for i in range(cfg.n_layers)]
@@ -240,7 +245,6 @@ def tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]
 
 def _numpy(params: dict) -> dict:
     """Host copies; bfloat16 (which safetensors' numpy side cannot write) widens to float32."""
-    import jax
 
     def host(x):
         x = np.asarray(jax.device_get(x))
@@ -306,13 +310,6 @@ def import_run(hf_dir, run_dir, *, seed: int = 0) -> dict:
     """A run directory from a GPT-2 folder: a step-0 checkpoint (params + a fresh AdamW state
     for the default optimizer config), config.toml, and the tokenizer if the folder has one.
     `headwise train --run-dir RUN_DIR` fine-tunes from it."""
-    import jax
-    from headwise.model import param_axes
-    from . import checkpoint
-    from .config import RunConfig, to_dict, write_config
-    from .data import DataConfig, HFTokenizer
-    from .optim import make_optimizer
-    from .step import init_state
     params, cfg = import_gpt2(hf_dir)
     run_dir = pathlib.Path(run_dir).absolute()
     if (run_dir / checkpoint.SUBDIR).exists():
@@ -337,9 +334,7 @@ def import_run(hf_dir, run_dir, *, seed: int = 0) -> dict:
 
 def export_run(run_dir, out_dir) -> pathlib.Path:
     """A run's newest params as a GPT-2 folder (+ tokenizer.json when the run has a HF one)."""
-    from .checkpoint import load_model
-    from .data import HFTokenizer, tokenizer_from_json
-    params, cfg = load_model(run_dir)
+    params, cfg = checkpoint.load_model(run_dir)
     out_dir = export_gpt2(params, cfg, out_dir)
     saved = pathlib.Path(run_dir) / "tokenizer.json"
     if saved.is_file():
