@@ -14,6 +14,7 @@ import pytest
 from headwise.train import checkpoint
 from headwise.train.config import load_config
 from headwise.train.loop import train
+from tolerances import loss_gap
 
 # Dims divisible by every mesh axis below (vocab 256 by tensor=4, batch 16 by data*fsdp=8).
 SETUP = ["model.preset=tiny", "model.vocab_size=256", "model.n_heads=4", "model.d_model=32",
@@ -45,6 +46,19 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _assert_trains_like(losses, one_device):
+    """A mesh adds the same terms as one device in other orders (tests/tolerances.py): each
+    step's loss is within loss_gap of one device's (1.5e-3, 2.7e-4 of it; logits stay below 1
+    in these steps, 0.73 at init), and the earlier steps' gaps, through Adam's steps of lr <=
+    2e-3, move the params by about lr·Σ|gap| more, ~1e-4 of loss per step: twice loss_gap
+    covers 4 steps. Seen: 2.4e-6 at most. A skipped or wrong update moves the losses of steps
+    2-4 by 0.04 to 0.23."""
+    cfg = load_config(None, SETUP)
+    n_tokens = cfg.train.batch_size * cfg.model.context_length
+    gap = loss_gap(cfg.model, cfg.model.context_length, n_tokens, 1.0, max(one_device))
+    np.testing.assert_allclose(losses, one_device, atol=2 * gap, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def one_device(corpus, tmp_path_factory) -> list[float]:
     run_dir = tmp_path_factory.mktemp("one")
@@ -56,7 +70,7 @@ def one_device(corpus, tmp_path_factory) -> list[float]:
 def test_every_strategy_trains_like_one_device(name, corpus, one_device, tmp_path):
     mesh, strategy = MESHES[name]
     train(_config(corpus, mesh, [f"mesh.strategy='{strategy}'"]), tmp_path, progress=False)
-    np.testing.assert_allclose(_losses(tmp_path), one_device, rtol=1e-6)
+    _assert_trains_like(_losses(tmp_path), one_device)
 
 
 def _cli(args, **kwargs):
@@ -70,7 +84,7 @@ def test_cli_on_simulated_devices(corpus, one_device, tmp_path):
                    str(tmp_path), "--set", *SETUP, f"data.path={corpus}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dp+fsdp+tp" in result.stderr + result.stdout
-    np.testing.assert_allclose(_losses(tmp_path), one_device, rtol=1e-6)
+    _assert_trains_like(_losses(tmp_path), one_device)
 
 
 def test_restore_onto_another_mesh(corpus, one_device, tmp_path):
@@ -100,7 +114,7 @@ def test_restore_onto_another_mesh(corpus, one_device, tmp_path):
     assert int(restored["step"]) == 2
     # Training goes on from step 2 on the new mesh, with the losses of an unbroken run.
     train(other, tmp_path, progress=False)
-    np.testing.assert_allclose(_losses(tmp_path), one_device, rtol=1e-6)
+    _assert_trains_like(_losses(tmp_path), one_device)
 
 
 def _free_port() -> int:
@@ -129,4 +143,4 @@ def test_two_processes_match_one(corpus, one_device, tmp_path):
     output = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
     assert codes == [0, 0], output
     assert "2 process(es)" in logs[0].read_text(), output
-    np.testing.assert_allclose(_losses(tmp_path / "run"), one_device, rtol=1e-6)
+    _assert_trains_like(_losses(tmp_path / "run"), one_device)
