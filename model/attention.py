@@ -338,13 +338,14 @@ def write_cache(cache: dict, k_BTNH, v_BTNH, starts_B) -> dict:
 def attention_layer(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
                     positions_BT: jax.Array | None = None, cache: dict | None = None,
                     source_BSD: jax.Array | None = None, mask_BTS: jax.Array | None = None,
-                    causal: bool = True, return_patterns: bool = False):
-    """One attention layer in the stored layout, on every path: (delta_BTD, cache, patterns).
+                    causal: bool = True, inspect: bool = False):
+    """One attention layer in the stored layout, on every path: (delta_BTD, cache, seen).
 
     Self-attention reads x; with a `cache` ({"key", "value"}: [B, S, N, H]) it writes the new
     keys and values at `positions_BT` (each row's positions consecutive) and reads all S slots,
     the causal rule hiding those past each query. Cross-attention reads `source_BSD`.
-    `patterns` is [B, N, T, S] when asked for, else None."""
+    With `inspect`, `seen` holds the patterns [B, N, T, S] and every head's weighted values
+    [B, T, N, H] (what value_up turns into its proposed change); else it is None."""
     if (positions_BT is None) != (cache is None):
         raise ValueError("attention_layer: give positions_BT and cache together (decoding), or "
                          "neither (a whole sequence from position 0)")
@@ -358,6 +359,6 @@ def attention_layer(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
     if cache is not None:
         cache = write_cache(cache, k, v, positions_BT[:, 0])
         k, v = cache["key"], cache["value"]
-    out_BTNH, patterns = attend(q, k, v, Visible(positions_BT, causal, mask_BTS), cfg,
-                                return_patterns)
-    return heads_to_residual(layer, out_BTNH), cache, patterns
+    out_BTNH, patterns = attend(q, k, v, Visible(positions_BT, causal, mask_BTS), cfg, inspect)
+    seen = {"patterns": patterns, "head_outputs": out_BTNH} if inspect else None
+    return heads_to_residual(layer, out_BTNH), cache, seen

@@ -49,16 +49,22 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def block(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None, cache=None,
-          return_patterns: bool = False):
+          inspect: bool = False):
     """Pre-norm block: attention's summed head deltas, then the MLP's, added to the residual.
     Training, prefill and each decode step all run this; see `attention_layer` for the cache.
-    Returns (x_BTD, cache, patterns)."""
-    delta, cache, patterns = attention_layer(
+    Returns (x_BTD, cache, seen): with `inspect`, `seen` keeps what the block did (the residual
+    entering it, patterns, each head's change, the attention and MLP changes); else None."""
+    attention_delta, cache, seen = attention_layer(
         layer["attention"], norm(layer["attention_norm"], x_BTD, cfg), cfg,
-        positions_BT=positions_BT, cache=cache, return_patterns=return_patterns)
-    x_BTD = x_BTD + delta
-    x_BTD = x_BTD + mlp(layer["mlp"], norm(layer["mlp_norm"], x_BTD, cfg), cfg)
-    return x_BTD, cache, patterns
+        positions_BT=positions_BT, cache=cache, inspect=inspect)
+    x_mid = x_BTD + attention_delta
+    mlp_delta = mlp(layer["mlp"], norm(layer["mlp_norm"], x_mid, cfg), cfg)
+    if inspect:
+        head_deltas = jnp.einsum("BTNH,NHD->BNTD", seen["head_outputs"],
+                                 layer["attention"]["value_up"])
+        seen = {"residual": x_BTD, "patterns": seen["patterns"], "head_deltas": head_deltas,
+                "attention_deltas": attention_delta, "mlp_deltas": mlp_delta}
+    return x_mid + mlp_delta, cache, seen
 
 
 def embed(params: dict, tokens: jax.Array, cfg: ModelConfig,
@@ -81,29 +87,30 @@ def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None,
-               cache=None, return_patterns: bool = False):
+               cache=None, inspect: bool = False):
     """Every block under `lax.scan` (compile time does not grow with depth), each with its
-    layer of the cache ([L, ...] leaves) if there is one: (x_BTD, cache, patterns_LBNTS)."""
+    layer of the cache ([L, ...] leaves) if there is one: (x_BTD, cache, seen), `seen` being
+    each block's (see `block`) stacked on a leading layers axis, or None."""
 
     def step(x_BTD, inputs):
         layer, layer_cache = inputs
-        x_BTD, layer_cache, patterns = block(_cast(layer, cfg.dtype), x_BTD, cfg,
-                                             positions_BT=positions_BT, cache=layer_cache,
-                                             return_patterns=return_patterns)
+        x_BTD, layer_cache, seen = block(_cast(layer, cfg.dtype), x_BTD, cfg,
+                                         positions_BT=positions_BT, cache=layer_cache,
+                                         inspect=inspect)
         # The residual stream at block boundaries (sharded as the rules say, if any).
-        return constrain(x_BTD, ("batch", "seq", "embed")), (layer_cache, patterns)
+        return constrain(x_BTD, ("batch", "seq", "embed")), (layer_cache, seen)
 
-    x_BTD, (cache, patterns) = jax.lax.scan(step, x_BTD, (params["blocks"], cache),
-                                            unroll=cfg.scan_unroll)
-    return x_BTD, cache, patterns
+    x_BTD, (cache, seen) = jax.lax.scan(step, x_BTD, (params["blocks"], cache),
+                                        unroll=cfg.scan_unroll)
+    return x_BTD, cache, seen
 
 
 def forward_embeddings(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
                        return_patterns: bool = False):
     """From embeddings [B, T, D] to logits [B, T, V] (and patterns [L, B, N, T, T])."""
-    x_BTD, _, patterns = run_blocks(params, x_BTD, cfg, return_patterns=return_patterns)
+    x_BTD, _, seen = run_blocks(params, x_BTD, cfg, inspect=return_patterns)
     logits = constrain(unembed(params, x_BTD, cfg), ("batch", "seq", "vocab"))
-    return (logits, patterns) if return_patterns else logits
+    return (logits, seen["patterns"]) if return_patterns else logits
 
 
 def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
