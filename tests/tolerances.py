@@ -147,3 +147,23 @@ def gradient_gap(params, inputs, targets, cfg):
     T = inputs.shape[-1]
     return jax.tree.map(lambda t: f32_gap(backward_steps(cfg, T, targets.size), t),
                         gradient_terms(params, inputs, targets, cfg))
+
+
+def attention_gap(cfg, S: int, score_terms: float, out_terms: float) -> float:
+    """Worst-case |a - b| between two float32 evaluations of one attention layer's output (any
+    path, or head by head against all heads at once) from the same inputs: a score's error (q/k
+    projection + bias, RoPE, q·k and the scaling, at Σ|terms| <= score_terms) moves a pattern
+    entry by at most twice itself relative (d p_i = p_i (d s_i - Σ_j p_j d s_j)); then the
+    softmax over S keys, the values' projection, their weighted sum, value_up over all N·H and
+    the output bias round too, relative to the output's Σ|terms| (<= out_terms)."""
+    D, N, H = cfg.d_model, cfg.n_heads, cfg.d_head
+    relative = (2 * f32_error((D + 1) + 6 + (H + 1), score_terms)
+                + U * (softmax_steps(S) + (D + 1) + S + N * H + 1))
+    return 2 * relative * out_terms
+
+
+def pattern_gap(cfg, S: int, score_terms: float) -> float:
+    """Worst-case |a - b| between two float32 evaluations of one attention pattern entry from the
+    same inputs (see attention_gap)."""
+    D, H = cfg.d_model, cfg.d_head
+    return 2 * pattern_error((D + 1) + 6 + (H + 1), score_terms, S)
