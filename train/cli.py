@@ -9,7 +9,96 @@ import time
 def _params(args) -> None:
     from headwise.model import ModelConfig
     from headwise.model.count import params_table
-    print(params_table(ModelConfig.preset(args.preset), args.preset))
+    cfg = ModelConfig.preset(args.preset)
+    if args.plot:
+        from headwise.explain.pictures import save_params_plot
+        _writable_dir(pathlib.Path(args.plot).absolute().parent, "--plot's folder")
+        print(f"wrote {save_params_plot(cfg, args.preset, args.plot)}")
+    print(params_table(cfg, args.preset))
+
+
+def _writable_dir(path: pathlib.Path, flag: str) -> pathlib.Path:
+    """Make the folder and write a file there, so a bad path fails before anything compiles."""
+    import tempfile
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ValueError(f"{flag} {path} is not a folder we can write to "
+                         f"({error.strerror or error}); pick another") from error
+    return path
+
+
+def _token_pieces(tokenizer, ids: list[int]) -> list:
+    """Each token's own text; a byte tokenizer's raw byte, since one byte of a UTF-8
+    character decodes to nothing readable."""
+    from .data import ByteTokenizer
+    if isinstance(tokenizer, ByteTokenizer):
+        return [bytes([i]) for i in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _check_index(value: int | None, count: int, flag: str, what: str) -> None:
+    if value is not None and not 0 <= value < count:
+        raise ValueError(f"{flag} {value} is out of range: this model has {count} {what} "
+                         f"(0..{count - 1})")
+
+
+def _crop_to_context(ids: list[int], context: int) -> list[int]:
+    if len(ids) > context:
+        print(f"headwise attention: warning: the prompt is {len(ids)} tokens, longer than the "
+              f"context of {context}; dropped its first {len(ids) - context} tokens",
+              file=sys.stderr)
+    return ids[-context:]
+
+
+def _attention(args) -> None:
+    """Every head's pattern over the prompt: PNGs and attention.html in --out, and/or text."""
+    import jax
+    import numpy as np
+    from headwise.explain import run_with_cache
+    from headwise.explain.ascii import token_label
+    from .checkpoint import load_model
+    if not args.out and not args.ascii:
+        raise ValueError("give --out DIR for the pictures, or --ascii to print the maps here")
+    out = _writable_dir(pathlib.Path(args.out), "--out") if args.out else None
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give at least one character to look at")
+    params, cfg = load_model(args.run_dir)
+    tokenizer = _run_tokenizer(args.run_dir)
+    _check_index(args.layer, cfg.n_layers, "--layer", "layers")
+    _check_index(args.head, cfg.n_heads, "--head", "heads")
+    ids = _crop_to_context(tokenizer.encode(args.prompt), cfg.context_length)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens: give at least one character")
+    _, cache = jax.jit(run_with_cache, static_argnums=1)(params, cfg, np.asarray([ids]))
+    labels = [token_label(piece) for piece in _token_pieces(tokenizer, ids)]
+    _show_attention(np.asarray(cache["patterns"][0]), labels, out, args)
+
+
+def _show_attention(patterns_LNTT, labels: list[str], out: pathlib.Path | None, args) -> None:
+    """The PNGs and the page into `out` (if given), the heat maps on stdout (if --ascii)."""
+    from headwise.explain.ascii import ascii_heatmap
+    from headwise.explain.page import attention_html
+    from headwise.explain.pictures import save_attention_pngs
+    if out is not None:
+        for path in save_attention_pngs(patterns_LNTT, labels, out, args.layer, args.head):
+            print(f"wrote {path}")
+        print(f"wrote {attention_html(patterns_LNTT, labels, out / 'attention.html')}")
+    if args.ascii:
+        L, N = patterns_LNTT.shape[:2]
+        for l in range(L) if args.layer is None else [args.layer]:
+            for n in range(N) if args.head is None else [args.head]:
+                print(ascii_heatmap(patterns_LNTT[l, n], labels, f"layer {l}, head {n}") + "\n")
+
+
+def _run_tokenizer(run_dir):
+    from .data import tokenizer_from_json
+    path = pathlib.Path(run_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this run's data had no tokenizer to "
+                                f"turn the prompt into tokens")
+    return tokenizer_from_json(path.read_text())
 
 
 def _default_run_dir(config: str | None) -> pathlib.Path:
@@ -173,7 +262,21 @@ def _add_params(commands, run) -> None:
     params = commands.add_parser("params", help="where a model's parameters are")
     params.add_argument("--preset", default="gpt3-175b", choices=list(PRESETS),
                         metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    params.add_argument("--plot", metavar="FILE", help="also draw the counts as a bar chart (PNG)")
     params.set_defaults(run=_params)
+
+
+def _add_attention(commands, run) -> None:
+    attention = commands.add_parser("attention", help="draw every head's attention pattern "
+                                    "over a prompt (PNG per layer, or text with --ascii)")
+    attention.add_argument("--run-dir", required=True)
+    attention.add_argument("--prompt", required=True, help="the text to look at")
+    attention.add_argument("--out", metavar="DIR", help="where the pictures go")
+    attention.add_argument("--layer", type=int, help="only this layer (from 0)")
+    attention.add_argument("--head", type=int, help="only this head (from 0)")
+    attention.add_argument("--ascii", action="store_true",
+                           help="print the heat maps in the terminal (over SSH, say)")
+    attention.set_defaults(run=_attention)
 
 
 def _add_train(commands, run) -> None:
@@ -222,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = _run_options()
-    for add in (_add_params, _add_train, _add_shardings, _add_sample, _add_hf):
+    for add in (_add_params, _add_train, _add_shardings, _add_sample, _add_hf, _add_attention):
         add(commands, run)
     return parser
 
