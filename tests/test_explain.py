@@ -136,3 +136,47 @@ def test_the_planted_adjective_head_is_found():
     pattern = np.asarray(cache["patterns"][0, 0, 2])
     assert pattern[WORDS.index("forest"), adjectives].sum() > 0.9
     assert pattern[WORDS.index("creature"), [1, 2]].sum() > 0.9
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+    """A run folder holding a random byte-level model: a checkpoint and its tokenizer."""
+    from headwise.train import checkpoint
+    from headwise.train.config import RunConfig, to_dict
+    from headwise.train.data import ByteTokenizer
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = ModelConfig.preset("tiny", vocab_size=256, context_length=16)
+    params = jax.tree.map(lambda a: 5 * a, init_params(cfg, jax.random.key(4)))
+    with checkpoint.open_manager(run_dir, async_save=False) as manager:
+        checkpoint.save(manager, 1, {"params": params, "key": jax.random.key(0)},
+                        to_dict(RunConfig(model=cfg)), force=True)
+    (run_dir / "tokenizer.json").write_text(ByteTokenizer().to_json())
+    return run_dir, cfg, params
+
+
+def test_predict_prints_the_model_probabilities(byte_run, capsys):
+    import json
+    from headwise.train.cli import main
+    run_dir, cfg, params = byte_run
+    assert main(["predict", "--run-dir", str(run_dir), "--prompt", "mole", "--top-k", "4",
+                 "--json", "--lens"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    probs = np.asarray(jax.nn.softmax(forward(params, jnp.asarray([list(b"mole")]), cfg)[0, -1]))
+    want = np.argsort(-probs)[:4]
+    assert [c["id"] for c in out["next"]] == want.tolist()
+    assert [c["token"] for c in out["next"]] == [bytes([i]).decode("utf-8", "replace")
+                                                 for i in want]
+    np.testing.assert_allclose([c["probability"] for c in out["next"]], probs[want], atol=1e-6)
+    assert len(out["lens"]) == cfg.n_layers + 1 and out["lens"][-1] == out["next"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x" * 17], "context is 16"),
+    (["--prompt", "x", "--top-k", "0"], "--top-k must be at least 1"),
+])
+def test_predict_bad_input_is_one_line(byte_run, capsys, argv, message):
+    from headwise.train.cli import main
+    assert main(["predict", "--run-dir", str(byte_run[0]), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -5,6 +5,8 @@ import pathlib
 import sys
 import time
 
+from .explain_commands import add_predict
+
 
 def _params(args) -> None:
     from headwise.model import ModelConfig
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = _run_options()
     for add in (_add_params, _add_train, _add_shardings, _add_sample, _add_hf, _add_attention):
         add(commands, run)
+    add_predict(commands)
     return parser
 
 
