@@ -6,17 +6,12 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: no global figures, no backend to pick
 
-from headwise.model import ModelConfig, count_params
+from headwise.model import ModelConfig, causal_mask, count_params
 
 MASK_COLOUR = "#d9d9d9"  # a future key: masked by the causal rule, not a weight of 0
 CMAP = colormaps["viridis"].with_extremes(bad=MASK_COLOUR)  # 0 dark violet ... 1 yellow
 MAX_PANELS = 16  # more than this many heads in one picture: one PNG per layer
 DPI = 100
-
-
-def causal_mask_TS(T: int, S: int) -> np.ndarray:
-    """True where query t may not see key s: the key comes after it (queries are the last T)."""
-    return np.arange(S)[None, :] > np.arange(S - T, S)[:, None]
 
 
 def _panel_inches(T: int) -> float:
@@ -43,7 +38,7 @@ def _grid(layers: list[int], heads: list[int]) -> tuple[int, int, list[tuple[int
 def _draw_pattern(ax, pattern_TT: np.ndarray, labels: list[str], title: str):
     """One head's pattern: query rows, key columns, masked cells in MASK_COLOUR."""
     T = pattern_TT.shape[0]
-    masked_TT = np.ma.masked_array(pattern_TT, mask=causal_mask_TS(T, T))
+    masked_TT = np.ma.masked_array(pattern_TT, mask=~np.asarray(causal_mask(T)))
     image = ax.imshow(masked_TT, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
     ticks = np.arange(0, T, _tick_step(T))
     shown = [_escape(labels[i]) for i in ticks]

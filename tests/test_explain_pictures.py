@@ -10,9 +10,9 @@ from matplotlib.colors import to_rgba
 
 from headwise.explain import run_with_cache
 from headwise.explain.ascii import SHADES, ascii_heatmap, heat_rows, shade, token_label
-from headwise.explain.pictures import (CMAP, MASK_COLOUR, attention_figure, causal_mask_TS,
+from headwise.explain.pictures import (CMAP, MASK_COLOUR, attention_figure,
                                        params_figure, png_plan, save_attention_pngs)
-from headwise.model import ModelConfig, count_params, param_shapes
+from headwise.model import ModelConfig, causal_mask, count_params, param_shapes
 from headwise.train import checkpoint
 from headwise.train.cli import main
 from headwise.train.data import ByteTokenizer
@@ -101,7 +101,7 @@ def test_png_masked_cells_grey_weights_on_the_colour_scale(tmp_path):
 
 def test_causal_mask_matches_the_model_patterns():
     patterns_LNTT = _patterns_LNTT()
-    mask_TT = causal_mask_TS(6, 6)
+    mask_TT = ~np.asarray(causal_mask(6))
     assert np.all(patterns_LNTT[..., mask_TT] == 0) and np.all(patterns_LNTT[..., ~mask_TT] > 0)
     np.testing.assert_allclose(patterns_LNTT.sum(-1), 1.0, atol=1e-5)
 
