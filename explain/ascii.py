@@ -1,6 +1,8 @@
 """Attention patterns as text: token labels anyone can read, and a heat map for a terminal."""
 import numpy as np
 
+from headwise.model import causal_mask
+
 # Allowed cells, by weight in equal fifths of 0..1; a masked (future) cell is left blank, so the
 # causal triangle shows even where an allowed weight rounds down to the lightest shade.
 SHADES = "·░▒▓█"
@@ -28,10 +30,9 @@ def shade(weight: float) -> str:
 
 def heat_rows(pattern_TS: np.ndarray, cell: int = 2) -> list[str]:
     """One string per query row: each key a cell of `cell` characters, blank where masked."""
-    T, S = pattern_TS.shape
-    offset = S - T  # queries are the last T of the S keys' positions
-    return ["".join((shade(pattern_TS[t, s]) if s <= t + offset else MASKED) * cell
-                    for s in range(S)) for t in range(T)]
+    allowed_TS = np.asarray(causal_mask(*pattern_TS.shape))
+    return ["".join((shade(w) if ok else MASKED) * cell for w, ok in zip(weights_S, allowed_S))
+            for weights_S, allowed_S in zip(pattern_TS, allowed_TS)]
 
 
 def _column_header(labels: list[str], cell: int, indent: int) -> list[str]:
