@@ -287,3 +287,14 @@ def test_ctrl_c_saves_and_stops_cleanly(corpus, tmp_path):
     manager = checkpoint.open_manager(run)
     assert checkpoint.latest_step(manager) == last
     manager.close()
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`headwise params | head`: the reader stops early; no traceback, exit 0."""
+    import subprocess
+    import sys
+    run = subprocess.Popen([sys.executable, "-m", "headwise", "params", "--preset", "gpt3-175b"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run.stdout.close()  # before anything is read
+    err = run.stderr.read().decode()
+    assert run.wait() == 0 and "Traceback" not in err, err

@@ -1,6 +1,7 @@
 """The `headwise` command line: one sub-command per job."""
 import argparse
 import datetime
+import os
 import pathlib
 import sys
 import time
@@ -338,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _start(args)
         args.run(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
     except (ValueError, FileNotFoundError) as error:
         print(f"headwise {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `headwise params | head` stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
