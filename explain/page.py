@@ -1,19 +1,10 @@
 """attention.html: one self-contained page where hovering a token shows its head's row and column."""
 import json
 import pathlib
-import unicodedata
 
 import numpy as np
 
-# Whitespace drawn as visible marks, so a space token or a newline token can be seen and hovered.
-_VISIBLE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
-
-
-def visible(label: str) -> str:
-    """The label as shown on the page: whitespace as marks, other control characters as \\xNN."""
-    shown = "".join(_VISIBLE.get(c, f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c)
-                    for c in label)
-    return shown or "\u2205"  # an empty token still needs something to hover
+from .ascii import token_label  # one way to show a token, in every picture
 
 
 def _checked(patterns_LNTT, labels: list[str]) -> np.ndarray:
@@ -38,7 +29,7 @@ def _payload(patterns: np.ndarray, labels: list[str]) -> str:
 
     Weights go in as integers in ten-thousandths (4 decimals, a third of the bytes of floats).
     Every '<', '>' and '&' is written as a \\u escape, so no label can close the script element."""
-    data = {"labels": [visible(str(label)) for label in labels],
+    data = {"labels": [token_label(str(label)) for label in labels],
             "raw": [str(label) for label in labels],
             "scale": 10_000,
             "patterns": np.rint(patterns * 10_000).astype(np.int64).tolist()}
@@ -101,7 +92,7 @@ body { font-family: sans-serif; margin: 16px; color: #222; background: #fff; }
 </div>
 <p class="legend">Hover a token. <span class="key-to">Blue</span>: what it attends to (its row
 of the pattern). <span class="key-from">Orange</span>: what attends to it (its column).
-\u00b7 is a space, \u21b5 a newline, \u21e5 a tab.</p>
+\u2423 is a space, \u23ce a newline, \u21e5 a tab.</p>
 <div class="strip-name">attends to (the hovered token's row: its weights over the keys)</div>
 <div id="to" class="strip"></div>
 <div class="strip-name">attended to by (the hovered token's column: each query's weight on it)</div>

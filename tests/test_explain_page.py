@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from headwise.explain.page import attention_html, visible
+from headwise.explain.ascii import token_label
+from headwise.explain.page import attention_html
 
 CHROMIUM, CHROMEDRIVER = pathlib.Path("/usr/bin/chromium"), pathlib.Path("/usr/bin/chromedriver")
 LABELS = ["a", " b", "</script><b>x", "\n", "&\""]  # short: the layout must not shift on hover
@@ -43,9 +44,9 @@ def test_bad_input_is_refused_with_the_fix(tmp_path):
         attention_html(hand_made_patterns() * np.nan, LABELS, tmp_path / "a.html")
 
 
-def test_visible_marks_whitespace():
-    assert [visible(s) for s in [" a", "\n", "\t", "\x00", ""]] == \
-        ["\u00b7a", "\u21b5", "\u21e5", "\\x00", "\u2205"]
+def test_tokens_show_whitespace():
+    assert [token_label(s) for s in [" a", "\n", "\t", "\x00", ""]] == \
+        ["\u2423a", "\u23ce", "\u21e5", "\\x00", "\u2205"]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_hovering_a_token_shows_its_row_and_column(browser, tmp_path):
     browser.get(attention_html(patterns, LABELS, tmp_path / "attention.html").as_uri())
     assert browser.find_elements("css selector", "b") == []  # the '<b>' label stayed text
     assert [s.find_element("css selector", ".txt").text for s in
-            browser.find_elements("css selector", "#to .tok")] == [visible(s) for s in LABELS]
+            browser.find_elements("css selector", "#to .tok")] == [token_label(s) for s in LABELS]
     pick(browser, layer, head)
     before = screenshot(browser)
     hover(browser, f"#to .tok[data-i='{t}']")
