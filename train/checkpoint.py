@@ -8,6 +8,8 @@ import orbax.checkpoint as ocp
 
 from headwise.model import ModelConfig, init_params
 
+from .tokenizers import tokenizer_from_json
+
 SUBDIR = "checkpoints"
 _FIX = "use a fresh --run-dir, or the model and optimizer config of the run that wrote it"
 
@@ -172,3 +174,12 @@ def load_model(run_dir) -> tuple[dict, ModelConfig]:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             target, restore_args=restore_args, partial_restore=True)))
     return restored["state"]["params"], cfg
+
+
+def load_tokenizer(run_dir):
+    """The tokenizer a run was trained with (its tokenizer.json), to encode prompts and decode."""
+    path = pathlib.Path(run_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this run's data had no tokenizer to turn "
+                                f"text into tokens and back")
+    return tokenizer_from_json(path.read_text())

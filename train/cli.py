@@ -61,14 +61,14 @@ def _attention(args) -> None:
     import numpy as np
     from headwise.explain import run_with_cache
     from headwise.explain.ascii import token_label
-    from .checkpoint import load_model
+    from .checkpoint import load_model, load_tokenizer
     if not args.out and not args.ascii:
         raise ValueError("give --out DIR for the pictures, or --ascii to print the maps here")
     out = _writable_dir(pathlib.Path(args.out), "--out") if args.out else None
     if not args.prompt:
         raise ValueError("the prompt is empty: give at least one character to look at")
     params, cfg = load_model(args.run_dir)
-    tokenizer = _run_tokenizer(args.run_dir)
+    tokenizer = load_tokenizer(args.run_dir)
     _check_index(args.layer, cfg.n_layers, "--layer", "layers")
     _check_index(args.head, cfg.n_heads, "--head", "heads")
     ids = _crop_to_context(tokenizer.encode(args.prompt), cfg.context_length)
@@ -93,15 +93,6 @@ def _show_attention(patterns_LNTT, labels: list[str], out: pathlib.Path | None, 
         for l in range(L) if args.layer is None else [args.layer]:
             for n in range(N) if args.head is None else [args.head]:
                 print(ascii_heatmap(patterns_LNTT[l, n], labels, f"layer {l}, head {n}") + "\n")
-
-
-def _run_tokenizer(run_dir):
-    from .data import tokenizer_from_json
-    path = pathlib.Path(run_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this run's data had no tokenizer to "
-                                f"turn the prompt into tokens")
-    return tokenizer_from_json(path.read_text())
 
 
 def _default_run_dir(config: str | None) -> pathlib.Path:
@@ -179,15 +170,11 @@ def _prompt_text(args) -> str:
 
 
 def _sample(args) -> None:
-    from .checkpoint import load_model
-    from .data import tokenizer_from_json
+    from .checkpoint import load_model, load_tokenizer
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     params, cfg = load_model(args.run_dir)
-    tok_path = pathlib.Path(args.run_dir) / "tokenizer.json"
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path} is missing: this run's data had no tokenizer to decode with")
-    tokenizer = tokenizer_from_json(tok_path.read_text())
+    tokenizer = load_tokenizer(args.run_dir)
     text = _prompt_text(args)
     prompt = tokenizer.encode(text)
     if not prompt:

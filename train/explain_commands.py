@@ -1,6 +1,5 @@
 """`headwise predict`: the next token's likeliest choices, and what each layer would have said."""
 import json
-import pathlib
 
 
 def add_predict(commands) -> None:
@@ -39,13 +38,9 @@ def predict_command(args) -> None:
     import jax
     import numpy as np
     from headwise.explain import logit_lens, run_with_cache
-    from .checkpoint import load_model
-    from .data import tokenizer_from_json
+    from .checkpoint import load_model, load_tokenizer
     params, cfg = load_model(args.run_dir)
-    tokenizer_path = pathlib.Path(args.run_dir) / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"{tokenizer_path} is missing: this run's data had no tokenizer")
-    tokenizer = tokenizer_from_json(tokenizer_path.read_text())
+    tokenizer = load_tokenizer(args.run_dir)
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     k = min(args.top_k, cfg.vocab_size)
