@@ -187,6 +187,14 @@ def _block_mask(start, S: int, chunk: int, causal_: bool, positions_BT, mask_BTC
     return allowed if mask_BTC is None else allowed & mask_BTC
 
 
+def _tied(start, k_BCNH):
+    """`start`, made to depend on the block's keys. Under jax.grad of the model's layer scan,
+    JAX's partial evaluation splits off whatever depends on no parameter: the causal masks of
+    all key blocks would be computed in a loop of their own and kept at once ([n, B, N, T, C]:
+    quadratic in T). Tied to the keys, each block's mask is made inside the loop, when needed."""
+    return jax.lax.optimization_barrier((start, k_BCNH))[0]
+
+
 def _block_scores(q_BTNH, k_BCNH):
     return jnp.einsum("BTNH,BCNH->BNTC", q_BTNH, k_BCNH.astype(jnp.float32))
 
@@ -205,7 +213,7 @@ def _chunked_forward(q_BTNH, k_BSNH, v_BSNH, positions_BT, mask_BTS, chunk, caus
     def step(carry, block):
         max_BNT, sum_BNT, acc_BNTH = carry
         k_BCNH, v_BCNH, start, mask_BTC = block
-        mask_BTC = _block_mask(start, S, chunk, causal_, positions_BT, mask_BTC)
+        mask_BTC = _block_mask(_tied(start, k_BCNH), S, chunk, causal_, positions_BT, mask_BTC)
         scores = _block_scores(q_BTNH, k_BCNH)
         new_max = jnp.maximum(max_BNT, jnp.where(mask_BTC[:, None], scores, _MASKED).max(-1))
         p_BNTC = _block_probs(scores, mask_BTC, new_max)
