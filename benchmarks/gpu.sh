@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything headwise measures on a GPU, in one command that ends in under 8 minutes on an H100:
-#   1. the device-independent tests, run on the GPU (float32 matmuls at full precision: the
-#      tests' bounds are float32's, and JAX's default on NVIDIA is TF32);
-#   2. GPT-2 small, bf16, training 50 steps with each attention path: tokens/s, MFU against the
-#      card's dense bf16 peak, compiled memory (benchmarks/gpu_train.py);
-#   3. decoding against transformers' generate, and the parallel-heads timing.
+#   1. GPT-2 small, bf16, training 50 steps with each attention path: tokens/s, MFU against the
+#      card's dense bf16 peak, compiled memory (benchmarks/gpu_train.py), and a profile of the
+#      first path's steps ($OUT/perfetto_trace.json.gz, summed by op);
+#   2. decoding against transformers' generate, and the parallel-heads timing;
+#   3. the device-independent tests, run on the GPU (float32 matmuls at full precision: the
+#      tests' bounds are float32's, and JAX's default on NVIDIA is TF32).
 # Figures go to $OUT (default /tmp/headwise-gpu) and the tables to stdout.
 #   bash benchmarks/gpu.sh            # on a machine with jax[cuda], flax, optax, orbax, torch
 # Wheels missing there (tomli-w) may be put in .whl/ beforehand: they are installed first.
@@ -26,14 +27,9 @@ print(jax.devices())"
 
 section() { echo; echo "=== $1 ($(date +%T))"; }
 
-section "tests on the GPU"
-JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_model.py tests/test_reference.py tests/test_decode.py tests/test_hf.py \
-    -k "not sharded" 2>&1 | tee "$OUT/tests.log" | tail -n 15
-
 section "GPT-2 small, bf16, each attention path"
 timeout 240 python3 benchmarks/gpu_train.py --config gpt2_small --batch 32 --steps 50 \
-    --json "$OUT/train.jsonl" 2>&1 | tee "$OUT/train.log" | grep -v "^W0000\|^I0000"
+    --json "$OUT/train.jsonl" --trace "$OUT" 2>&1 | tee "$OUT/train.log" | grep -v "^[WI][0-9]"
 if python3 -c "import headwise.model.config as c, dataclasses as d, sys
 sys.exit('remat' not in {f.name for f in d.fields(c.ModelConfig)})" 2>/dev/null; then
     section "GPT-2 small, bf16, rematerialized, batch 64"
@@ -49,4 +45,9 @@ if [ -f benchmarks/parallel_heads.py ]; then
     section "heads and positions in parallel"
     timeout 60 python3 benchmarks/parallel_heads.py 2>&1 | tee "$OUT/parallel_heads.log" | tail -n 12
 fi
+section "tests on the GPU"
+JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_model.py tests/test_reference.py tests/test_decode.py tests/test_hf.py \
+    -k "not sharded" 2>&1 | tee "$OUT/tests.log" | tail -n 15
+
 section "done"

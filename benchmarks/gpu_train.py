@@ -5,9 +5,14 @@ not depend on the data, and the machine needs no data set.
 
     python benchmarks/gpu_train.py [--config gpt2_small] [--batch 32] [--steps 50]
         [--paths fused,chunked,dot_product,reference] [--set model.remat=full ...] [--json F]
+        [--trace DIR]
 """
 import argparse
+import collections
+import gzip
 import json
+import pathlib
+import shutil
 import time
 
 import jax
@@ -31,8 +36,37 @@ def random_batch(cfg, program, seed: int) -> dict:
                                 program.shardings.batch)
 
 
-def measure(cfg, steps: int) -> dict:
-    """Compile the run's train step, take two warm-up steps, then time `steps` of them."""
+def device_time_by_op(trace_gz: pathlib.Path, steps: int, top: int = 12) -> str:
+    """The trace's device (GPU) ops, summed by name, per step: where a step's time goes."""
+    events = json.load(gzip.open(trace_gz))["traceEvents"]
+    device_pids = {e["pid"] for e in events if e.get("name") == "process_name"
+                   and "/device:" in e["args"]["name"]}
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in device_pids:
+            total[e["name"]] += e["dur"] / 1e3 / steps
+    lines = [f"  {ms:8.2f} ms  {name[:100]}" for name, ms in total.most_common(top)]
+    return "\n".join([f"device time per step {sum(total.values()):.1f} ms, top ops:", *lines])
+
+
+def trace_steps(step, state, batch, out_dir: pathlib.Path, steps: int = 3) -> str:
+    """A jax.profiler trace of `steps` steps: its Perfetto file copied to `out_dir`, and a
+    summary of the device ops."""
+    log_dir = out_dir / "trace"
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    trace_gz = next(log_dir.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    shutil.copy(trace_gz, out_dir / "perfetto_trace.json.gz")
+    summary = device_time_by_op(trace_gz, steps)
+    shutil.rmtree(log_dir)  # the copy is all that is kept
+    return summary
+
+
+def measure(cfg, steps: int, trace_dir: pathlib.Path | None = None) -> dict:
+    """Compile the run's train step, take two warm-up steps, then time `steps` of them (and
+    trace three more into `trace_dir`)."""
     program = build_program(cfg, resolve_run(cfg))
     state = create_state(cfg.model, program.optimizer, cfg.train.seed, program.shardings.state)
     batch = random_batch(cfg, program, 0)
@@ -51,6 +85,8 @@ def measure(cfg, steps: int) -> dict:
     tokens = cfg.train.batch_size * cfg.model.context_length
     flops = flops_per_token(cfg.model) * tokens
     stats = jax.devices()[0].memory_stats() or {}
+    if trace_dir is not None:
+        print(trace_steps(step, state, batch, trace_dir), flush=True)
     return dict(
         attention=cfg.model.attention, remat=getattr(cfg.model, "remat", "none"),
         dtype=cfg.model.dtype, batch=cfg.train.batch_size, context=cfg.model.context_length,
@@ -87,16 +123,18 @@ def main() -> None:
     parser.add_argument("--paths", default="dot_product,chunked,fused,reference")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json", help="also append one JSON row per path to this file")
+    parser.add_argument("--trace", type=pathlib.Path,
+                        help="trace three steps of the first path into this folder")
     args = parser.parse_args()
     device = jax.devices()[0]
     print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
           f"config {args.config}, batch {args.batch}, {args.steps} timed steps")
     rows = []
-    for path in args.paths.split(","):
+    for i, path in enumerate(args.paths.split(",")):
         cfg = load_config(args.config, [f"model.attention={path}", f"train.batch_size={args.batch}",
                                         "train.grad_accum=1", *args.set])
         try:
-            row = measure(cfg, args.steps)
+            row = measure(cfg, args.steps, args.trace if i == 0 else None)
         except Exception as error:  # out of memory on one path must not lose the others
             row = dict(attention=path, remat=getattr(cfg.model, "remat", "none"),
                        error=str(error).splitlines()[0][:160])

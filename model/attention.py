@@ -152,13 +152,25 @@ def attend_fused(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
     return out_BTNH, pattern_BNTS
 
 
+def _flash_causal(q_BTNH, k_BSNH, v_BSNH) -> jax.Array:
+    """Causal attention by cuDNN's fused (flash) kernel where it runs: an NVIDIA GPU and 16-bit
+    inputs; else by XLA. JAX's own default (`implementation=None`) is XLA everywhere."""
+    if jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True,
+                                                implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):  # a shape cuDNN declines
+            pass
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True)
+
+
 def attend_dot_product(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
-    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU, XLA elsewhere."""
+    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU in bf16/fp16 (causal, no
+    cache), XLA elsewhere."""
     B, T, _, _ = q_BTNH.shape
     S = k_BSNH.shape[1]
     if visible.causal and visible.positions_BT is None and visible.mask_BTS is None and T == S:
-        # the library's own causal path, which cuDNN fuses
-        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True), None
+        return _flash_causal(q_BTNH, k_BSNH, v_BSNH), None
     mask = visible.allowed(B, T, S)[:, None]
     return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask), None
 
