@@ -80,10 +80,11 @@ def embed(params: dict, tokens: jax.Array, cfg: ModelConfig,
 
 
 def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final norm, then every position's vector against every token: logits in f32."""
+    """Final norm, then every position's vector against every token: logits in f32,
+    accumulated in f32 (bf16 logits near 10 would be 1/16 apart)."""
     x = norm(params["final_norm"], x, cfg)
     w_DV = params["embed"]["token"].T if cfg.tie_embeddings else params["unembed"]
-    return (x @ w_DV.astype(x.dtype)).astype(jnp.float32)
+    return jnp.matmul(x, w_DV.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None,
