@@ -6,6 +6,7 @@ POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "swiglu")
 ATTENTION_PATHS = ("reference", "fused", "chunked", "dot_product")
 DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "full", "dots")  # what each block keeps for the backward pass; see REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +37,10 @@ class ModelConfig:
     # Blocks per scan iteration: 1 keeps the compiled program the same size at any depth;
     # n_layers unrolls the loop, which lets XLA fuse across blocks (faster on small models).
     scan_unroll: int = 1
+    # What the backward pass keeps of each block: "none" everything it needs; "full" only the
+    # block's input (the rest recomputed); "dots" the outputs of matmuls without batch
+    # dimensions (the projections and the MLP), recomputing attention's einsums and pointwise ops.
+    remat: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "d_head",
@@ -45,7 +50,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, allowed in (("norm", NORMS), ("position", POSITIONS), ("activation", ACTIVATIONS),
                               ("attention", ATTENTION_PATHS), ("dtype", DTYPES),
-                              ("param_dtype", DTYPES)):
+                              ("param_dtype", DTYPES), ("remat", REMATS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("tie_embeddings", "bias"):

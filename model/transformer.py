@@ -87,6 +87,20 @@ def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.matmul(x, w_DV.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+# jax.checkpoint's policy per ModelConfig.remat (None: save nothing but the block's inputs).
+REMAT_POLICIES = {"full": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def rematerialized(step, remat: str):
+    """The scan's block step, with what its backward pass may keep chosen by `remat`. Inside
+    a scan, CSE cannot merge the recomputation with the forward pass, so it need not be
+    prevented (jax.checkpoint's documented advice)."""
+    if remat == "none":
+        return step
+    return jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
 def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None,
                cache=None, inspect: bool = False):
     """Every block under `lax.scan` (compile time does not grow with depth), each with its
@@ -101,7 +115,8 @@ def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT
         # The residual stream at block boundaries (sharded as the rules say, if any).
         return constrain(x_BTD, ("batch", "seq", "embed")), (layer_cache, seen)
 
-    x_BTD, (cache, seen) = jax.lax.scan(step, x_BTD, (params["blocks"], cache),
+    x_BTD, (cache, seen) = jax.lax.scan(rematerialized(step, cfg.remat), x_BTD,
+                                        (params["blocks"], cache),
                                         unroll=cfg.scan_unroll)
     return x_BTD, cache, seen
 

@@ -1,9 +1,13 @@
 """Compiled memory of the whole model's gradient (XLA's own figure), by attention path and remat."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from headwise.model import ModelConfig, init_params, loss
+from headwise.model import ModelConfig, forward, init_params, loss
+from tolerances import gradient_gap, loss_gap
 
 MiB = 2 ** 20
 
@@ -36,3 +40,38 @@ def test_chunked_model_gradient_memory_is_linear_in_length():
     assert chunked[8192] <= 1.2 * 1024 * MiB, chunked[8192] / MiB
     pattern_bytes = 12 * 8192 * 8192 * 4  # one f32 [N, T, T] pattern: what 'chunked' never holds
     assert fused_8k > 2 * pattern_bytes > 2 * chunked[8192], (fused_8k / MiB, chunked[8192] / MiB)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("path", ["dot_product", "chunked"])
+def test_remat_gives_the_same_loss_and_gradients(remat, path):
+    """Rematerializing only recomputes: the loss and every gradient equal those of the model
+    that keeps its activations, within float32's rounding of the gradient (tolerances.py)."""
+    cfg = ModelConfig.preset("tiny", attention=path, attention_chunk=5, position="rope")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    value_and_grad = lambda c: jax.jit(jax.value_and_grad(loss), static_argnums=3)(
+        params, tokens, tokens, c)
+    (value, grads), (value_r, grads_r) = value_and_grad(cfg), value_and_grad(
+        dataclasses.replace(cfg, remat=remat))
+    max_logit = float(jnp.abs(forward(params, tokens, cfg)).max())
+    assert abs(value - value_r) <= loss_gap(cfg, 16, tokens.size, max_logit, float(value))
+    gap = gradient_gap(params, tokens, tokens, cfg)
+    jax.tree.map(lambda a, b, g: np.testing.assert_array_less(np.abs(a - b), g + 1e-30),
+                 grads_r, grads, gap)
+
+
+def test_remat_keeps_less():
+    """Compiled temporary memory of a 4-block, 768-wide model's gradient (batch 4 x 1024):
+    'dots' keeps the projections' and MLP's matmul outputs, 'full' only each block's input, so
+    each keeps less than the one before. Measured: 3,921 / 1,352 / 1,075 MiB on 'dot_product'."""
+    cfg = ModelConfig.preset("gpt2-small", n_layers=4, vocab_size=256, attention="dot_product")
+    temp = {remat: gradient_temp_bytes(dataclasses.replace(cfg, remat=remat), 4, 1024)
+            for remat in ("none", "dots", "full")}
+    assert temp["dots"] < 0.5 * temp["none"], temp
+    assert temp["full"] < 0.9 * temp["dots"], temp
+
+
+def test_remat_is_checked():
+    with pytest.raises(ValueError, match="ModelConfig.remat must be one of"):
+        ModelConfig(remat="some")
