@@ -4,7 +4,7 @@ against the chip's dense bf16 peak, and the compiled step's memory. Random token
 not depend on the data, and the machine needs no data set.
 
     python benchmarks/gpu_train.py [--config gpt2_small] [--batch 32] [--steps 50]
-        [--paths fused,chunked,dot_product,reference] [--set model.remat=full ...] [--json F]
+        [--paths fused,chunked,dot_product,reference] [--remat none,dots,full] [--json F]
         [--trace DIR]
 """
 import argparse
@@ -88,7 +88,7 @@ def measure(cfg, steps: int, trace_dir: pathlib.Path | None = None) -> dict:
     if trace_dir is not None:
         print(trace_steps(step, state, batch, trace_dir), flush=True)
     return dict(
-        attention=cfg.model.attention, remat=getattr(cfg.model, "remat", "none"),
+        attention=cfg.model.attention, remat=cfg.model.remat,
         dtype=cfg.model.dtype, batch=cfg.train.batch_size, context=cfg.model.context_length,
         ms_per_step=1e3 * seconds, tokens_per_s=tokens / seconds,
         mfu=flops / seconds / (peak_flops(cfg) * jax.device_count()),
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="global sequences per step")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--paths", default="dot_product,chunked,fused,reference")
+    parser.add_argument("--remat", default="none", help="comma-separated model.remat policies")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json", help="also append one JSON row per path to this file")
     parser.add_argument("--trace", type=pathlib.Path,
@@ -130,13 +131,15 @@ def main() -> None:
     print(f"{device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
           f"config {args.config}, batch {args.batch}, {args.steps} timed steps")
     rows = []
-    for i, path in enumerate(args.paths.split(",")):
-        cfg = load_config(args.config, [f"model.attention={path}", f"train.batch_size={args.batch}",
-                                        "train.grad_accum=1", *args.set])
+    runs = [(path, remat) for path in args.paths.split(",") for remat in args.remat.split(",")]
+    for i, (path, remat) in enumerate(runs):
+        cfg = load_config(args.config, [f"model.attention={path}", f"model.remat={remat}",
+                                        f"train.batch_size={args.batch}", "train.grad_accum=1",
+                                        *args.set])
         try:
             row = measure(cfg, args.steps, args.trace if i == 0 else None)
         except Exception as error:  # out of memory on one path must not lose the others
-            row = dict(attention=path, remat=getattr(cfg.model, "remat", "none"),
+            row = dict(attention=path, remat=remat,
                        error=str(error).splitlines()[0][:160])
         rows.append(row | {"device": device.device_kind, "jax": jax.__version__})
         print(table(rows[-1:]).splitlines()[-1], flush=True)
