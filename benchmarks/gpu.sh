@@ -3,7 +3,8 @@
 #   1. GPT-2 small, bf16, training 50 steps with each attention path: tokens/s, MFU against the
 #      card's dense bf16 peak, compiled memory (benchmarks/gpu_train.py), and a profile of the
 #      first path's steps ($OUT/perfetto_trace.json.gz, summed by op);
-#   2. decoding against transformers' generate, and the parallel-heads timing;
+#   2. the same model in PyTorch (benchmarks/torch_gpt2.py), decoding against transformers'
+#      generate, and the parallel-heads timing;
 #   3. the device-independent tests, run on the GPU (float32 matmuls at full precision: the
 #      tests' bounds are float32's, and JAX's default on NVIDIA is TF32).
 # Figures go to $OUT (default /tmp/headwise-gpu) and the tables to stdout.
@@ -34,6 +35,10 @@ section "GPT-2 small, bf16, rematerialized (same batch)"
 timeout 100 python3 benchmarks/gpu_train.py --config gpt2_small --batch 32 --steps 30 \
     --paths dot_product --remat dots,full --json "$OUT/train.jsonl" 2>&1 |
     tee -a "$OUT/train.log" | tail -n 3
+
+section "the PyTorch reference: transformers' GPT-2 small, bf16 autocast, SDPA, fused AdamW"
+timeout 110 python3 benchmarks/torch_gpt2.py --batch 32 --steps 30 --compile 2>&1 |
+    grep -v "loss_type" | tee "$OUT/torch.log" | tail -n 3
 
 section "decoding"
 timeout 90 python3 benchmarks/decode.py 2>&1 | tee "$OUT/decode.log" | tail -n 12
