@@ -4,6 +4,8 @@ from .attention import (attention_head, attention_layer, attention_pattern, atte
                         weigh_values)
 from .config import PRESETS, ModelConfig
 from .count import count_params, flops_per_token
+from .encoder_decoder import (encode, encoder_decoder_loss, forward_encoder_decoder,
+                              greedy_decode)
 from .params import ParamSpec, init_params, param_axes, param_shapes, param_specs
 from .transformer import (block, cross_entropy, embed, forward, forward_embeddings, loss,
                           run_blocks, unembed)
@@ -14,4 +16,5 @@ __all__ = [
     "block", "run_blocks", "attention_head", "multi_head_attention", "attention_scores",
     "attention_pattern", "weigh_values", "causal", "causal_mask", "output_matrix", "heads_view", "attention_layer",
     "count_params", "flops_per_token",
+    "encode", "forward_encoder_decoder", "encoder_decoder_loss", "greedy_decode",
 ]

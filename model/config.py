@@ -11,7 +11,9 @@ REMATS = ("none", "full", "dots")  # what each block keeps for the backward pass
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder-only transformer. Frozen and hashable, so it can be a static jit argument.
+    """A decoder-only transformer, or with `n_encoder_layers` > 0 an encoder-decoder (the
+    decoder's blocks then cross-attend to the encoded source). Frozen and hashable, so it can
+    be a static jit argument.
 
     `n_heads * d_head` need not equal `d_model`: each head's value_up maps H back to D.
     """
@@ -41,6 +43,9 @@ class ModelConfig:
     # block's input (the rest recomputed); "dots" the outputs of matmuls without batch
     # dimensions (the projections and the MLP), recomputing attention's einsums and pointwise ops.
     remat: str = "none"
+    # Encoder blocks (bidirectional self-attention) over a source sequence; 0: decoder only.
+    n_encoder_layers: int = 0
+    source_length: int = 0  # the longest source the encoder reads; 0: context_length
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "d_head",
@@ -60,8 +65,17 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        for name in ("n_encoder_layers", "source_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
         if self.position == "rope" and self.d_head % 2:
             raise ValueError(f"ModelConfig.d_head must be even for position='rope', got {self.d_head}")
+
+    @property
+    def source_context(self) -> int:
+        """The most source tokens the encoder reads."""
+        return self.source_length or self.context_length
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -3,23 +3,32 @@ from .config import ModelConfig
 
 
 def count_params(cfg: ModelConfig) -> dict:
-    """Parameter counts by component. `per_block` holds one block's; `blocks` all L of them."""
+    """Parameter counts by component. `per_block` holds one (decoder) block's; `blocks` all L
+    of them. An encoder-decoder adds `encoder` (its blocks, final norm and positions) and, in
+    each decoder block, a cross-attention layer (the same matrices as self-attention) and its
+    norm; `attention_weights` then counts every attention layer's matrices."""
     V, C, D, N, H, L, F = (cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.n_heads,
                            cfg.d_head, cfg.n_layers, cfg.d_mlp)
     norm = D * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     mlp_matrices = 3 if cfg.activation == "swiglu" else 2
+    attention_biases = (3 * N * H + D) if cfg.bias else 0
     block = {
         "query": N * D * H,
         "key": N * D * H,
         "value_down": N * D * H,
         "value_up": N * H * D,
-        "attention_biases": (3 * N * H + D) if cfg.bias else 0,
+        "attention_biases": attention_biases,
         "mlp": mlp_matrices * D * F,
         "mlp_biases": ((mlp_matrices - 1) * F + D) if cfg.bias else 0,
         "norms": 2 * norm,
     }
     block["attention"] = block["query"] + block["key"] + block["value_down"] + block["value_up"]
     block["total"] = sum(v for k, v in block.items() if k not in ("attention", "total"))
+    encoder_block_total = block["total"]
+    if cfg.n_encoder_layers:
+        block["cross_attention"] = block["attention"] + attention_biases
+        block["cross_attention_norm"] = norm
+        block["total"] += block["cross_attention"] + norm
     counts = {
         "embedding": V * D,
         "positions": C * D if cfg.position == "learned" else 0,
@@ -29,8 +38,13 @@ def count_params(cfg: ModelConfig) -> dict:
         "final_norm": norm,
         "unembedding": 0 if cfg.tie_embeddings else D * V,
     }
+    if cfg.n_encoder_layers:
+        Le = cfg.n_encoder_layers
+        counts["encoder_positions"] = cfg.source_context * D if cfg.position == "learned" else 0
+        counts["encoder"] = Le * encoder_block_total + norm + counts["encoder_positions"]
+        counts["attention_weights"] = (2 * L + Le) * block["attention"]
     counts["total"] = (counts["embedding"] + counts["positions"] + counts["blocks"]
-                       + counts["final_norm"] + counts["unembedding"])
+                       + counts["final_norm"] + counts["unembedding"] + counts.get("encoder", 0))
     return counts
 
 
@@ -40,7 +54,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     the causal mask's skipped half is counted, as everyone does). Lookup tables (positions,
     and the token embedding unless tied, when it doubles as the unembedding) do no matmul."""
     counts = count_params(cfg)
-    matmul_params = counts["total"] - counts["positions"]
+    matmul_params = counts["total"] - counts["positions"] - counts.get("encoder_positions", 0)
     if not cfg.tie_embeddings:
         matmul_params -= counts["embedding"]
     T = cfg.context_length if seq_len is None else seq_len

@@ -44,8 +44,9 @@ def _norm_specs(cfg: ModelConfig, prefix: tuple) -> dict:
     return specs
 
 
-def _attention_specs(cfg: ModelConfig) -> dict:
-    L, D, N, H = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head
+def _attention_specs(cfg: ModelConfig, L: int) -> dict:
+    """One attention layer per block, self or cross: the same matrices either way."""
+    D, N, H = cfg.d_model, cfg.n_heads, cfg.d_head
     # Heads stored [L, D, N, H] so a reshape to [D, N*H] (free) gives one wide matmul.
     inward = ("layers", "embed", "heads", "head_dim")
     specs = {name: ParamSpec((L, D, N, H), inward, normal(0.02))
@@ -61,8 +62,8 @@ def _attention_specs(cfg: ModelConfig) -> dict:
     return specs
 
 
-def _mlp_specs(cfg: ModelConfig) -> dict:
-    L, D, F = cfg.n_layers, cfg.d_model, cfg.d_mlp
+def _mlp_specs(cfg: ModelConfig, L: int) -> dict:
+    D, F = cfg.d_model, cfg.d_mlp
     specs = {"up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), normal(0.02)),
              "down": ParamSpec((L, F, D), ("layers", "mlp", "embed"),
                                normal(0.02 / math.sqrt(2 * L)))}
@@ -82,15 +83,32 @@ def param_specs(cfg: ModelConfig) -> dict:
     specs = {"embed": {"token": ParamSpec((V, D), ("vocab", "embed"), normal(0.02))}}
     if cfg.position == "learned":
         specs["embed"]["position"] = ParamSpec((C, D), (None, "embed"), normal(0.02))
-    specs["blocks"] = {
-        "attention_norm": _norm_specs(cfg, (L,)),
-        "attention": _attention_specs(cfg),
-        "mlp_norm": _norm_specs(cfg, (L,)),
-        "mlp": _mlp_specs(cfg),
-    }
+    specs["blocks"] = _block_specs(cfg, L)
     specs["final_norm"] = _norm_specs(cfg, ())
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), normal(0.02))
+    if cfg.n_encoder_layers:
+        specs["encoder"] = _encoder_specs(cfg)
+        # Between each decoder block's self-attention and its MLP: queries from the decoder,
+        # keys and values from the encoder's output.
+        specs["blocks"]["cross_attention_norm"] = _norm_specs(cfg, (L,))
+        specs["blocks"]["cross_attention"] = _attention_specs(cfg, L)
+    return specs
+
+
+def _block_specs(cfg: ModelConfig, L: int) -> dict:
+    return {"attention_norm": _norm_specs(cfg, (L,)), "attention": _attention_specs(cfg, L),
+            "mlp_norm": _norm_specs(cfg, (L,)), "mlp": _mlp_specs(cfg, L)}
+
+
+def _encoder_specs(cfg: ModelConfig) -> dict:
+    """The encoder's own blocks and final norm (and source positions, if learned); it shares
+    the decoder's token embedding (one vocabulary for source and target)."""
+    specs = {"blocks": _block_specs(cfg, cfg.n_encoder_layers),
+             "final_norm": _norm_specs(cfg, ())}
+    if cfg.position == "learned":
+        specs["position"] = ParamSpec((cfg.source_context, cfg.d_model), (None, "embed"),
+                                      normal(0.02))
     return specs
 
 

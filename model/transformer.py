@@ -7,6 +7,7 @@ import numpy as np
 
 from .attention import attention_layer
 from .config import ModelConfig
+from .cross_attention import cross_attention_layer
 from .logical import constrain
 
 _ACTIVATIONS = {
@@ -49,22 +50,39 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def block(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None, cache=None,
-          inspect: bool = False):
+          inspect: bool = False, causal: bool = True, mask_BTS=None, source=None):
     """Pre-norm block: attention's summed head deltas, then the MLP's, added to the residual.
-    Training, prefill and each decode step all run this; see `attention_layer` for the cache.
+    Training, prefill and each decode step all run this; see `attention_layer` for the cache,
+    `causal` and `mask_BTS` (an encoder block: causal=False and the source's padding mask).
+    With `source` (a decoder block of an encoder-decoder: this layer's keys and values of the
+    encoded source, and its mask), a cross-attention layer sits between attention and MLP.
     Returns (x_BTD, cache, seen): with `inspect`, `seen` keeps what the block did (the residual
     entering it, patterns, each head's change, the attention and MLP changes); else None."""
     attention_delta, cache, seen = attention_layer(
         layer["attention"], norm(layer["attention_norm"], x_BTD, cfg), cfg,
-        positions_BT=positions_BT, cache=cache, inspect=inspect)
+        positions_BT=positions_BT, cache=cache, causal=causal, mask_BTS=mask_BTS,
+        inspect=inspect)
     x_mid = x_BTD + attention_delta
+    if source is not None:
+        cross_delta, cross_seen = cross_attention_layer(
+            layer["cross_attention"], norm(layer["cross_attention_norm"], x_mid, cfg), source,
+            cfg, inspect)
+        x_mid = x_mid + cross_delta
     mlp_delta = mlp(layer["mlp"], norm(layer["mlp_norm"], x_mid, cfg), cfg)
     if inspect:
-        head_deltas = jnp.einsum("BTNH,NHD->BNTD", seen["head_outputs"],
-                                 layer["attention"]["value_up"])
-        seen = {"residual": x_BTD, "patterns": seen["patterns"], "head_deltas": head_deltas,
+        seen = {"residual": x_BTD, "patterns": seen["patterns"],
+                "head_deltas": _head_deltas(seen, layer["attention"]),
                 "attention_deltas": attention_delta, "mlp_deltas": mlp_delta}
+        if source is not None:
+            seen |= {"cross_patterns": cross_seen["patterns"],
+                     "cross_head_deltas": _head_deltas(cross_seen, layer["cross_attention"]),
+                     "cross_attention_deltas": cross_delta}
     return x_mid + mlp_delta, cache, seen
+
+
+def _head_deltas(seen: dict, layer: dict) -> jax.Array:
+    """Each head's proposed change [B, N, T, D]: its weighted values through its value_up."""
+    return jnp.einsum("BTNH,NHD->BNTD", seen["head_outputs"], layer["value_up"])
 
 
 def embed(params: dict, tokens: jax.Array, cfg: ModelConfig,
@@ -102,21 +120,28 @@ def rematerialized(step, remat: str):
 
 
 def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None,
-               cache=None, inspect: bool = False):
-    """Every block under `lax.scan` (compile time does not grow with depth), each with its
-    layer of the cache ([L, ...] leaves) if there is one: (x_BTD, cache, seen), `seen` being
-    each block's (see `block`) stacked on a leading layers axis, or None."""
+               cache=None, inspect: bool = False, causal: bool = True, mask_BTS=None,
+               source=None):
+    """Every block of params["blocks"] under `lax.scan` (compile time does not grow with
+    depth), each with its layer of the cache ([L, ...] leaves) if there is one: (x_BTD, cache,
+    seen), `seen` being each block's (see `block`) stacked on a leading layers axis, or None.
+    `source` ({"key", "value"}: [L, B, S, N, H], "mask": [B, S]) gives each block its layer
+    of the encoded source to cross-attend to."""
+    layer_sources = None if source is None else {k: source[k] for k in ("key", "value")}
 
     def step(x_BTD, inputs):
-        layer, layer_cache = inputs
+        layer, layer_cache, layer_source = inputs
+        if layer_source is not None:
+            layer_source = dict(layer_source, mask=source["mask"])
         x_BTD, layer_cache, seen = block(_cast(layer, cfg.dtype), x_BTD, cfg,
                                          positions_BT=positions_BT, cache=layer_cache,
-                                         inspect=inspect)
+                                         inspect=inspect, causal=causal, mask_BTS=mask_BTS,
+                                         source=layer_source)
         # The residual stream at block boundaries (sharded as the rules say, if any).
         return constrain(x_BTD, ("batch", "seq", "embed")), (layer_cache, seen)
 
     x_BTD, (cache, seen) = jax.lax.scan(rematerialized(step, cfg.remat), x_BTD,
-                                        (params["blocks"], cache),
+                                        (params["blocks"], cache, layer_sources),
                                         unroll=cfg.scan_unroll)
     return x_BTD, cache, seen
 
@@ -150,6 +175,10 @@ def forward(params: dict, tokens_BT: jax.Array, cfg: ModelConfig, return_pattern
     """Logits [B, T, V] for a batch of token ids; with `return_patterns`, also every attention
     pattern, [B, L, N, T, T]. Every path runs the same blocks; `cfg.attention` picks only the
     kernel that turns queries, keys and values into each head's output."""
+    if cfg.n_encoder_layers:
+        raise ValueError(f"ModelConfig.n_encoder_layers={cfg.n_encoder_layers}: this model "
+                         f"reads a source; call forward_encoder_decoder(params, source, tokens, "
+                         f"cfg), or set n_encoder_layers=0 for a decoder-only model")
     check_tokens(tokens_BT, cfg)
     out = forward_embeddings(params, embed(params, tokens_BT, cfg), cfg,
                              return_patterns=return_patterns)
