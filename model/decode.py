@@ -1,6 +1,6 @@
-"""Generation with a KV cache: prefill the prompts, then one jitted step per new token."""
+"""Generation with a KV cache: prefill the prompts, then the token loop on the device."""
 import functools
-from typing import Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,10 @@ from .transformer import embed, run_blocks, unembed
 
 # Layout: prompts are RIGHT-padded, so every row's token t sits at position t and in cache
 # slot t; row b's true length is lengths[b]. The cache is {"key", "value"}: [L, B, C, N, H]
-# with C = context_length, fixed, so the decode step has one shape for the whole generation.
-# Prefill and decode steps run the model's own blocks (`run_blocks`), cache in hand.
+# with C fixed for a whole generation (the context, or for `generate` just what it needs),
+# so the decode step has one shape throughout. Prefill and decode steps run the model's own
+# blocks (`run_blocks`), cache in hand. `generate` runs prefill and every step in ONE
+# compiled program (`lax.while_loop`); `generate_stream` runs blocks of steps the same way.
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> dict:
@@ -27,15 +29,18 @@ def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> dict:
             for name in ("key", "value")}
 
 
-def prefill(params: dict, tokens_BP: jax.Array, lengths_B: jax.Array, cfg: ModelConfig):
+def prefill(params: dict, tokens_BP: jax.Array, lengths_B: jax.Array, cfg: ModelConfig,
+            cache_length: int | None = None):
     """Right-padded prompts [B, P] with true lengths -> (logits_BV of each row's last prompt
     token, cache). The prompts attend among their own P slots; the cache is then widened to
-    the whole context. Pad slots get keys too, but each is overwritten before it is read."""
+    `cache_length` slots (default: the context). Pad slots get keys too, but each is
+    overwritten before it is read."""
     B, P = tokens_BP.shape
+    cache_length = cfg.context_length if cache_length is None else cache_length
     positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
     x_BPD, cache, _ = run_blocks(params, embed(params, tokens_BP, cfg, positions_BP), cfg,
                                  positions_BT=positions_BP, cache=init_cache(cfg, B, P))
-    widen = ((0, 0), (0, 0), (0, cfg.context_length - P), (0, 0), (0, 0))
+    widen = ((0, 0), (0, 0), (0, cache_length - P), (0, 0), (0, 0))
     cache = {name: constrain(jnp.pad(c, widen), ("layers", *CACHE_AXES))
              for name, c in cache.items()}
     last_BD = jnp.take_along_axis(x_BPD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
@@ -51,15 +56,16 @@ def decode_step(params: dict, cache: dict, tokens_B: jax.Array, positions_B: jax
     return unembed(params, x_B1D[:, 0], cfg), cache
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def _choose(logits_BV, key, step, done_B, stop_token, *, sampling):
-    """Sample, blank (-1) rows already done, and mark rows that just produced the stop token
-    (-1: none). Jitted apart from the model, so a new sampling setting compiles only this."""
+def choose(logits_BV, key, step, done_B, stop_token, sampling):
+    """Sample with the key of this step, blank (-1) rows already done, and mark rows that just
+    produced the stop token (-1: none). `sampling` is (temperature, top_k, top_p)."""
     token_B = sample_token(logits_BV, jax.random.fold_in(key, step), *sampling).astype(jnp.int32)
     return jnp.where(done_B, -1, token_B), done_B | (token_B == stop_token)
 
 
-_prefill_jit = jax.jit(prefill, static_argnames=("cfg",))
+# Jitted apart from the model, so a new sampling setting compiles only this (the host loop's).
+_choose = jax.jit(choose, static_argnames=("sampling",))
+_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "cache_length"))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -68,6 +74,89 @@ def _decode_step_jit(params, cache, tokens_B, positions_B, cfg):
     batch size and config). Rows that are done feed -1; any id will do, their output is
     discarded."""
     return decode_step(params, cache, jnp.maximum(tokens_B, 0), positions_B, cfg)
+
+
+# --- The token loop on the device ---------------------------------------------------------
+
+class Decoding(NamedTuple):
+    """What the token loop carries from one step to the next."""
+
+    step: jax.Array     # how many tokens each row has chosen so far (a scalar)
+    token_B: jax.Array  # each row's newest token, -1 once the row is done
+    done_B: jax.Array   # rows that have emitted the stop token
+    cache: Any          # what the step function reads and updates: the KV cache, and anything
+                        # else it carries (e.g. a source's keys and values, computed once)
+
+
+def start(logits_BV, cache, key, stop_token, sampling) -> Decoding:
+    """The first new token of every row, chosen from the prefill's logits (step 0)."""
+    token_B, done_B = choose(logits_BV, key, 0, jnp.zeros(logits_BV.shape[0], bool),
+                             stop_token, sampling)
+    return Decoding(jnp.int32(1), token_B, done_B, cache)
+
+
+StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def decode_steps(step_fn: StepFn, state: Decoding, lengths_B, key, stop_token, end,
+                 width: int, sampling):
+    """Steps state.step .. end - 1 (at most `width` of them) in one `lax.while_loop`, which
+    stops early once every row is done: each step feeds every row's newest token at its
+    position to `step_fn(cache, tokens_B, positions_B) -> (logits_BV, cache)` and chooses the
+    next. Returns (tokens_BW, state): column i holds step state.step + i's tokens, -1 where
+    a row was done or the loop had ended."""
+    first = state.step
+    last = jnp.minimum(end, first + width)
+
+    def running(carry):
+        state, _ = carry
+        return (state.step < last) & ~state.done_B.all()
+
+    def step(carry):
+        state, tokens_BW = carry
+        # Rows that are done feed 0 (any id will do: their output is discarded).
+        logits_BV, cache = step_fn(state.cache, jnp.maximum(state.token_B, 0),
+                                   lengths_B + state.step - 1)
+        token_B, done_B = choose(logits_BV, key, state.step, state.done_B, stop_token, sampling)
+        tokens_BW = jax.lax.dynamic_update_slice(tokens_BW, token_B[:, None], (0, state.step - first))
+        return Decoding(state.step + 1, token_B, done_B, cache), tokens_BW
+
+    tokens_BW = jnp.full((lengths_B.shape[0], width), -1, jnp.int32)
+    state, tokens_BW = jax.lax.while_loop(running, step, (state, tokens_BW))
+    return tokens_BW, state
+
+
+def _model_step(params, cfg) -> StepFn:
+    # `decode_step` is looked up when traced, so a test can count the traces.
+    return lambda cache, tokens_B, positions_B: decode_step(params, cache, tokens_B, positions_B,
+                                                            cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_length", "width", "sampling"))
+def _generate_jit(params, tokens_BP, lengths_B, key, stop_token, n, *, cfg, cache_length,
+                  width, sampling):
+    """Prefill and all n new tokens (n <= width) in one program: (tokens_BW, steps run)."""
+    state = start(*prefill(params, tokens_BP, lengths_B, cfg, cache_length), key, stop_token,
+                  sampling)
+    first_B = state.token_B
+    rest_BW, state = decode_steps(_model_step(params, cfg), state, lengths_B, key, stop_token,
+                                  n, width - 1, sampling)
+    return jnp.concatenate([first_B[:, None], rest_BW], axis=1), state.step
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
+def _start_jit(params, tokens_BP, lengths_B, key, stop_token, *, cfg, sampling):
+    """Streaming's first program: prefill (the whole context's cache) and step 0."""
+    return start(*prefill(params, tokens_BP, lengths_B, cfg), key, stop_token, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "width", "sampling"),
+                   donate_argnames=("state",))
+def _steps_jit(params, state, lengths_B, key, stop_token, end, *, cfg, width, sampling):
+    """Streaming's next block of at most `width` steps. `end` is traced: one compile serves
+    every generation of this batch size and config."""
+    return decode_steps(_model_step(params, cfg), state, lengths_B, key, stop_token, end,
+                        width, sampling)
 
 
 def _check(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k, top_p, stop_token):
@@ -111,16 +200,98 @@ def _pad(prompts, cfg: ModelConfig):
     return jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
-def generate_with_logits(params: dict, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
-          *, key: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0,
-          top_p: float = 1.0, stop_token: int | None = None):
-    """Yield (tokens_B, logits_BV) per step: each row's new token, or -1 once the row has
-    emitted `stop_token` (which is itself yielded), and the logits it was sampled from.
-    Ends early when every row has stopped."""
-    _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_token)  # now, not lazily
-    sampling = (float(temperature), int(top_k), float(top_p))
+def as_prompts(prompts) -> list[list[int]]:
+    """Prompts as lists of token ids, from a list of them (any lengths) or a [B, T] array."""
+    if hasattr(prompts, "ndim"):
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts as an array must be [batch, time], got shape "
+                             f"{tuple(prompts.shape)}: give a single prompt as prompts[None]")
+        if not jnp.issubdtype(prompts.dtype, jnp.integer):
+            raise ValueError(f"prompts must hold integer token ids, got dtype {prompts.dtype}: "
+                             f"convert them with .astype('int32')")
+        return np.asarray(prompts).tolist()
+    prompts = list(prompts)
+    if any(isinstance(p, (int, np.integer)) for p in prompts):
+        raise ValueError("prompts must be a list of prompts, each a list of token ids: "
+                         "wrap a single prompt as [prompt]")
+    return [list(p) for p in prompts]
+
+
+def _request(cfg, prompts, max_new_tokens, key, temperature, top_k, top_p, stop_token):
+    """Checked prompts, the sampling setting (static), the key and the stop id (traced: no
+    compile per stop id)."""
+    prompts = as_prompts(prompts)
+    _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, stop_token)
     key = jax.random.key(0) if key is None else key
-    stop = jnp.int32(-1 if stop_token is None else stop_token)  # traced: no compile per stop id
+    stop = jnp.int32(-1 if stop_token is None else stop_token)
+    return prompts, (float(temperature), int(top_k), float(top_p)), key, stop
+
+
+def _bucket(n: int) -> int:
+    """The next power of two: generations of similar lengths share one compiled loop."""
+    return 1 << (n - 1).bit_length()
+
+
+def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, *,
+             key: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, stop_token: int | None = None) -> list[list[int]]:
+    """The new tokens of each prompt, ending with `stop_token` where one was produced.
+    `prompts`: lists of token ids (any lengths) or a [B, T] integer array. temperature 0 is
+    greedy. Prefill and the whole token loop run as ONE compiled program (a `lax.while_loop`
+    that ends when every row has stopped), compiled per batch size, prompt-length and
+    max_new_tokens power-of-two bucket and sampling setting."""
+    prompts, sampling, key, stop = _request(cfg, prompts, max_new_tokens, key, temperature,
+                                            top_k, top_p, stop_token)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    tokens_BP, lengths_B = _pad(prompts, cfg)
+    width = _bucket(max(max_new_tokens, 2))  # the loop after the first token is never empty
+    # The cache holds only the slots this generation can reach (every step reads all of them).
+    cache_length = min(cfg.context_length, tokens_BP.shape[1] + width)
+    tokens_BW, _ = _generate_jit(params, tokens_BP, lengths_B, key, stop, max_new_tokens,
+                                 cfg=cfg, cache_length=cache_length, width=width,
+                                 sampling=sampling)
+    return [[t for t in row if t >= 0] for row in np.asarray(tokens_BW).tolist()]
+
+
+def generate_stream(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, *,
+                    key: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, stop_token: int | None = None,
+                    block: int = 16) -> Iterator[np.ndarray]:
+    """Yield one int32 array [B] per step: each row's new token, or -1 once the row has
+    emitted `stop_token` (which is itself yielded). Ends early when every row has stopped.
+    The first token comes with the prefill; the rest are computed on the device `block` steps
+    at a time (one compiled loop), so the host waits once per block, not once per token.
+    The same tokens as `generate` for the same arguments."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive integer (steps per device call), got {block!r}")
+    prompts, sampling, key, stop = _request(cfg, prompts, max_new_tokens, key, temperature,
+                                            top_k, top_p, stop_token)
+    return _stream(params, cfg, *_pad(prompts, cfg), max_new_tokens, key, stop, sampling, block)
+
+
+def _stream(params, cfg, tokens_BP, lengths_B, n, key, stop, sampling, block):
+    if n == 0:
+        return
+    state = _start_jit(params, tokens_BP, lengths_B, key, stop, cfg=cfg, sampling=sampling)
+    yield np.asarray(state.token_B)
+    taken = 1
+    while taken < n and not bool(state.done_B.all()):
+        tokens_BW, state = _steps_jit(params, state, lengths_B, key, stop, n, cfg=cfg,
+                                      width=block, sampling=sampling)
+        now = int(state.step)
+        yield from np.asarray(tokens_BW)[:, :now - taken].T
+        taken = now
+
+
+def generate_with_logits(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, *,
+                         key: jax.Array | None = None, temperature: float = 1.0,
+                         top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None):
+    """Yield (tokens_B, logits_BV) per step, as `generate_stream` yields tokens_B, with the
+    logits each was sampled from. A host loop, one jitted decode step per token: slow, kept as
+    the second code path that tests hold the compiled loop to."""
+    prompts, sampling, key, stop = _request(cfg, prompts, max_new_tokens, key, temperature,
+                                            top_k, top_p, stop_token)
     return _generation_loop(params, cfg, *_pad(prompts, cfg), max_new_tokens, key, stop, sampling)
 
 
@@ -137,25 +308,6 @@ def _generation_loop(params, cfg, tokens_BP, lengths_B, max_new_tokens, key, sto
                                                 cfg=cfg)
         token_B, done_B = _choose(logits_BV, key, step, done_B, stop, sampling=sampling)
         yield np.asarray(token_B), logits_BV
-
-
-def generate_stream(params: dict, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
-                    **sampling) -> Iterator[np.ndarray]:
-    """Yield one int32 array [B] per step: each row's new token, or -1 once the row has
-    emitted `stop_token` (which is itself yielded). Ends early when every row has stopped.
-    Keywords as `generate`: key, temperature, top_k, top_p, stop_token."""
-    return (tokens_B for tokens_B, _ in generate_with_logits(params, cfg, prompts, max_new_tokens, **sampling))
-
-
-def generate(params: dict, cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int,
-             **sampling) -> list[list[int]]:
-    """The new tokens of each prompt (ending with `stop_token` where one was produced)."""
-    new = [[] for _ in prompts]
-    for token_B in generate_stream(params, cfg, prompts, max_new_tokens, **sampling):
-        for row, token in zip(new, token_B.tolist()):
-            if token >= 0:
-                row.append(token)
-    return new
 
 
 def generate_stream_sliding(params: dict, cfg: ModelConfig, prompt: list[int],

@@ -1,4 +1,5 @@
-"""KV-cache decoding against the uncached forward pass; one compile; stop, top-k/top-p; errors."""
+"""KV-cache decoding against the uncached forward pass: the host loop, the compiled loop and
+the stream; one compile; stop, top-k/top-p; array prompts; errors."""
 import functools
 
 import jax
@@ -62,9 +63,12 @@ def test_cached_decoding_matches_forward(path, position):
             seq.append(int(token))
         n_steps += 1
     assert n_steps == NEW
-    if (path, position) == ("fused", "learned"):  # `generate` is the same loop, collected
-        assert decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0) == [
-            seq[len(p):] for seq, p in zip(seqs, PROMPTS)]
+    # The compiled loop (prefill and every step in one program) picks the same tokens.
+    assert decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0) == [
+        seq[len(p):] for seq, p in zip(seqs, PROMPTS)]
+    if path == "chunked":  # 2 tokens need only 10 cache slots: not a whole number of chunks
+        assert decode.generate(params, cfg, PROMPTS, 2, temperature=0.0) == [
+            seq[len(p):len(p) + 2] for seq, p in zip(seqs, PROMPTS)]
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():
@@ -89,10 +93,15 @@ def test_top_k_samples_only_from_the_k_likeliest_and_seed_reproduces():
             s.add(row[0])
     assert all(s <= a for s, a in zip(seen, allowed)), (seen, allowed)
     assert sum(len(s) for s in seen) > len(PROMPTS)  # it does sample, not always the argmax
-    again = decode.generate(params, cfg, PROMPTS, NEW, temperature=1.0, top_k=3,
-                            key=jax.random.key(2))
-    assert again == decode.generate(params, cfg, PROMPTS, NEW, temperature=1.0, top_k=3,
-                                    key=jax.random.key(2))
+    sampled = dict(temperature=1.0, top_k=3, key=jax.random.key(2))
+    again = decode.generate(params, cfg, PROMPTS, NEW, **sampled)
+    assert again == decode.generate(params, cfg, PROMPTS, NEW, **sampled)
+    # Each step's key is the same in the host loop, the stream and the compiled loop.
+    host = [t for t, _ in decode.generate_with_logits(params, cfg, PROMPTS, NEW, **sampled)]
+    assert again == np.stack(host, 1).tolist()
+    assert again == np.stack(list(decode.generate_stream(params, cfg, PROMPTS, NEW, block=4,
+                                                         **sampled)), 1).tolist()
+    assert again != decode.generate(params, cfg, PROMPTS, NEW, **{**sampled, "key": jax.random.key(3)})
 
 
 def test_stop_token_stops_its_row_only():
@@ -110,6 +119,35 @@ def test_stop_token_stops_its_row_only():
     same = [PROMPTS[2]] * 3  # same padded shape as PROMPTS: no new compile
     assert len(list(decode.generate_stream(params, cfg, same, NEW, temperature=0.0,
                                            stop_token=greedy[2][0]))) == 1  # all stopped: ends
+    # The compiled loop ends too: when every row has stopped, no further step runs.
+    last = greedy[1].index(stop)  # row 1 stops here; alone in the batch, so does the loop
+    tokens_BW, steps = decode._generate_jit(
+        params, *decode._pad([PROMPTS[1]] * 3, cfg), jax.random.key(0), jnp.int32(stop), NEW,
+        cfg=cfg, cache_length=16, width=8, sampling=(0.0, 0, 1.0))
+    assert int(steps) == last + 1 and np.all(np.asarray(tokens_BW)[:, last + 1:] == -1)
+
+
+def test_array_prompts_and_blocks_of_any_size():
+    cfg, params = _model()
+    rows = [PROMPTS[0], PROMPTS[0][::-1], [3] * 5]
+    expected = decode.generate(params, cfg, rows, NEW, temperature=0.0)
+    for prompts in (np.array(rows), jnp.array(rows, jnp.int32)):
+        assert decode.generate(params, cfg, prompts, NEW, temperature=0.0) == expected
+    for block in (1, 4, 16):
+        steps = list(decode.generate_stream(params, cfg, np.array(rows), NEW, temperature=0.0,
+                                            block=block))
+        assert np.stack(steps, 1).tolist() == expected
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (np.array([1, 2, 3]), r"\[batch, time\], got shape \(3,\)"),
+    (np.ones((2, 3)), "integer token ids"),
+    ([1, 2, 3], "wrap a single prompt"),
+])
+def test_bad_prompt_arrays_raise(prompts, match):
+    cfg, params = _model()
+    with pytest.raises(ValueError, match=match):
+        decode.generate(params, cfg, prompts, 2)
 
 
 @pytest.mark.parametrize("prompts, new, match", [
@@ -148,14 +186,15 @@ def test_decode_step_compiles_once_and_sliding_goes_past_the_context():
         traces.append(1)  # a Python side effect: runs only while tracing
         return real(*args, **kwargs)
 
-    compiled_before = decode._decode_step_jit._cache_size()
+    compiled_before = decode._steps_jit._cache_size()
     decode.decode_step = counting
-    try:  # a batch of one is a new shape: exactly one trace for 20 tokens over two prefills
+    try:  # a batch of one is a new shape: one trace of the block loop for 20 tokens over
+        # two prefills
         new = list(decode.generate_stream_sliding(params, cfg, prompt, 20, temperature=0.0))
     finally:
         decode.decode_step = real
     assert len(new) == 20
-    assert len(traces) == 1 and decode._decode_step_jit._cache_size() == compiled_before + 1
+    assert len(traces) == 1 and decode._steps_jit._cache_size() == compiled_before + 1
     first = 16 + 1 - len(prompt)  # the cache is full after these; then prefill the newest 8
     # Batches of 3 identical rows reuse the compiled shapes of the tests above.
     assert new[:first] == decode.generate(params, cfg, [prompt] * 3, first, temperature=0.0)[0]
