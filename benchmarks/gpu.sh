@@ -41,7 +41,7 @@ timeout 110 python3 benchmarks/torch_gpt2.py --batch 32 --steps 30 --compile 2>&
     grep -v "loss_type" | tee "$OUT/torch.log" | tail -n 3
 
 section "decoding"
-timeout 90 python3 benchmarks/decode.py 2>&1 | tee "$OUT/decode.log" | tail -n 12
+timeout 100 python3 benchmarks/decode.py --size gpu 2>&1 | tee "$OUT/decode.log" | grep -v "^[WI][0-9]" | tail -n 16
 
 if [ -f benchmarks/parallel_heads.py ]; then
     section "heads and positions in parallel"
