@@ -38,15 +38,17 @@ def random_gpt2(path: str, vocab: int, seed: int):
     model.generation_config.eos_token_id = None  # never stop early: every run makes n tokens
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path, safe_serialization=True)
+    if torch.cuda.is_available():  # on a GPU machine, transformers decodes on the GPU too
+        model = model.cuda()
     return model, *import_gpt2(path)
 
 
 def hf_generate(model, prompts_BP: np.ndarray, n: int) -> np.ndarray:
     import torch
     with torch.no_grad():
-        out = model.generate(torch.tensor(prompts_BP), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, use_cache=True)
-    return out[:, prompts_BP.shape[1]:].numpy()
+        out = model.generate(torch.tensor(prompts_BP, device=model.device), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, use_cache=True)
+    return out[:, prompts_BP.shape[1]:].cpu().numpy()  # .cpu() waits for the GPU
 
 
 def ours(kind: str):
