@@ -135,17 +135,31 @@ def _shardings(args) -> None:
     print(shardings_table(cfg.model, layout.mesh, layout.rules, layout.strategy))
 
 
+def _use_compile_cache(enabled: bool) -> None:
+    """JAX's persistent compilation cache, before anything compiles (see compile_cache)."""
+    from . import compile_cache
+    folder = compile_cache.cache_folder(enabled)
+    if folder is not None:
+        compile_cache.enable(_writable_dir(folder, f"the compilation cache ({compile_cache.ENV})"))
+
+
 def _train(args) -> None:
     import jax
     from .loop import sample_text, train
+    from .profile import parse_steps
     if not args.run_dir and jax.process_count() > 1:
         raise ValueError("a multi-process run needs --run-dir: every process must write the "
                          "same checkpoints, on a file system they all see")
+    profile = parse_steps(args.profile) if args.profile else None
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else _default_run_dir(args.config)
     cfg = _run_config(args, run_dir)
+    _use_compile_cache(not args.no_compile_cache)
     print(f"run dir: {run_dir}  (run again with --run-dir {run_dir} to resume)")
     started = time.perf_counter()
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, profile=profile)
+    if profile:
+        print(f"profile of steps {profile[0]}..{profile[1] - 1}: {run_dir / 'profile'} (open its "
+              f"perfetto_trace.json.gz in ui.perfetto.dev, or the folder in TensorBoard)")
     minutes = (time.perf_counter() - started) / 60
     if jax.process_index():
         return
@@ -273,6 +287,11 @@ def _add_train(commands, run) -> None:
     train = commands.add_parser("train", parents=[run], help="train a model (default: a small "
                                 "byte-level GPT on the Python standard library's sources, on the CPU)")
     train.add_argument("--run-dir", help="where logs and checkpoints go; an existing run resumes")
+    train.add_argument("--profile", metavar="START:STOP", help="write a jax.profiler trace of "
+                       "steps START..STOP-1 into RUN_DIR/profile (Perfetto, TensorBoard)")
+    train.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh "
+                       "(default: reuse compiled programs kept in ~/.cache/headwise/jax-compile "
+                       "or $HEADWISE_COMPILE_CACHE; 'off' there turns it off too)")
     train.set_defaults(run=_train)
 
 

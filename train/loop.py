@@ -21,6 +21,7 @@ from .data import Dataset, check_fits, get_batch, load_dataset
 from .layout import Layout, StateShardings, resolve_run, shard_state
 from .metrics import MetricsLog, Speedometer, peak_flops, unigram_loss
 from .optim import learning_rate, make_optimizer
+from .profile import StepProfiler
 from .state import abstract_state, restore_or_create
 from .step import make_eval_step, make_train_step
 
@@ -59,13 +60,15 @@ class Outputs:
     manager: ocp.CheckpointManager
     speed: Speedometer  # tokens/s and MFU between two log rows
     summary: dict
+    profiler: StepProfiler  # a jax.profiler trace of the steps asked for, if any
 
 
 def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
-          devices=None) -> dict:
+          devices=None, profile: tuple[int, int] | None = None) -> dict:
     """Train (or resume) a run in `run_dir`: a summary of the final evaluation, the params and
     the data. `stop_at` ends early with a checkpoint, as a pre-empted job would; `devices`
-    (default: all) are the ones the mesh is made of."""
+    (default: all) are the ones the mesh is made of; `profile` = (start, stop) traces those
+    steps into run_dir/profile."""
     run_dir = pathlib.Path(run_dir).absolute()
     layout = resolve_run(cfg, devices)  # mesh, rules and every divisibility check
     data = load_data(cfg, run_dir)
@@ -75,7 +78,7 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     manager = checkpoint.open_manager(run_dir, keep=cfg.train.keep_checkpoints)
     state = restore_or_create(cfg.model, run.program.optimizer, cfg.train.seed,
                               run.program.shardings, manager)
-    out = open_outputs(run, state, manager)
+    out = open_outputs(run, state, manager, StepProfiler(profile, run_dir / "profile"))
     state = run_steps(run, state, out, stop_at)
     return finish(run, state, out)
 
@@ -115,7 +118,8 @@ def build_program(cfg: RunConfig, layout: Layout) -> Program:
                    make_eval_step(cfg.model, shardings))
 
 
-def open_outputs(run: Run, state: dict, manager: ocp.CheckpointManager) -> Outputs:
+def open_outputs(run: Run, state: dict, manager: ocp.CheckpointManager,
+                 profiler: StepProfiler) -> Outputs:
     """The metrics log (cut back to the state's step) and the summary; a fresh run is evaluated
     before its first step."""
     start = int(state["step"])
@@ -124,7 +128,7 @@ def open_outputs(run: Run, state: dict, manager: ocp.CheckpointManager) -> Outpu
     baseline = unigram_loss(run.data.train, run.data.vocab_size)
     summary = {"unigram_loss": baseline, "start_step": start}
     log = MetricsLog(run.run_dir, start, enabled=jax.process_index() == 0, baseline=baseline)
-    out = Outputs(log, manager, _speedometer(run, start), summary)
+    out = Outputs(log, manager, _speedometer(run, start), summary, profiler)
     if start == 0:
         summary["initial_eval_loss"] = log_eval(run, state["params"], out, 0)
     return out
@@ -139,8 +143,10 @@ def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
                desc="train", unit="step", dynamic_ncols=True)
     with StopRequest() as stop:
         for step in bar:
+            out.profiler.begin(step)
             batch = global_batch(run, run.data.train, step, t.seed)
             state, metrics = run.program.train_step(state, batch)
+            out.profiler.end(step, metrics)
             done, stopping = step + 1, stop.requested  # read once: a stop is always saved
             if step == start:  # leave compilation out of tokens/s
                 jax.block_until_ready(metrics)
@@ -158,6 +164,7 @@ def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
                         f"--run-dir to resume")
                 break
     bar.close()
+    out.profiler.close()
     return state
 
 

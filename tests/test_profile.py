@@ -1,0 +1,83 @@
+"""Seeing where time goes: `--profile START:STOP` traces, and the persistent compilation cache."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from headwise.train.config import load_config
+from headwise.train.loop import train
+from headwise.train.profile import parse_steps
+
+TINY = ["model.preset=tiny", "model.vocab_size=256", "model.context_length=32",
+        "train.batch_size=8", "train.eval_steps=1", "train.sample_tokens=0"]
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(["mole", "tower", "head", "key"], 6))
+                              for _ in range(500)))
+    return str(path)
+
+
+def test_profile_traces_the_steps_asked_for(corpus, tmp_path):
+    """Steps 2..3 of a 5-step run: the Perfetto trace holds exactly two step annotations, with
+    those step numbers, and the compiled train step's execution inside them."""
+    cfg = load_config(None, TINY + [f"data.path={corpus}", "train.steps=5"])
+    train(cfg, tmp_path / "run", progress=False, profile=(2, 4))
+    [trace] = (tmp_path / "run" / "profile").rglob("perfetto_trace.json.gz")
+    events = json.load(gzip.open(trace))["traceEvents"]
+    steps = [e for e in events if e.get("ph") == "X" and e.get("name") == "train"]
+    assert sorted(int(e["args"]["step_num"]) for e in steps) == [2, 3]
+    executions = [e for e in events if e.get("ph") == "X" and "ThunkExecutor" in e["name"]
+                  or e.get("name") == "PjitFunction(traced)"]
+    first, last = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
+    assert any(first <= e["ts"] <= last for e in executions)
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))  # for TensorBoard / XProf
+
+
+@pytest.mark.parametrize("text", ["5", "5:5", "a:b", "-1:3", "7:2"])
+def test_profile_steps_are_checked(text):
+    with pytest.raises(ValueError, match="--profile expects START:STOP"):
+        parse_steps(text)
+
+
+def _train_cli(corpus, run, cache, *flags):
+    env = dict(os.environ, XLA_FLAGS="", HEADWISE_COMPILE_CACHE=str(cache))
+    done = subprocess.run(
+        [sys.executable, "-m", "headwise.train.cli", "train", "--devices", "1", "--run-dir",
+         str(run), *flags, "--set", *TINY, f"data.path={corpus}", "train.steps=2"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_second_start_reads_the_compilation_cache(corpus, tmp_path):
+    """A first start writes its compiled programs (init, train step, eval step ...) into the
+    cache folder; a second start of the same config finds every one: it writes nothing new."""
+    cache = tmp_path / "cache"
+    _train_cli(corpus, tmp_path / "a", cache)
+    first = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(first) >= 3, first
+    _train_cli(corpus, tmp_path / "b", cache)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == first
+
+
+def test_no_compile_cache_flag_and_off(tmp_path, monkeypatch):
+    """--no-compile-cache, or HEADWISE_COMPILE_CACHE=off, leave JAX's cache unset."""
+    import jax
+    from headwise.train import compile_cache
+    from headwise.train.cli import _use_compile_cache
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    _use_compile_cache(False)
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    _use_compile_cache(True)
+    assert jax.config.jax_compilation_cache_dir is None
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("HEADWISE_CACHE", str(tmp_path / "home"))
+    assert compile_cache.cache_folder() == tmp_path / "home" / "jax-compile"
