@@ -28,9 +28,11 @@ def shade(weight: float) -> str:
     return SHADES[min(level, len(SHADES) - 1)]
 
 
-def heat_rows(pattern_TS: np.ndarray, cell: int = 2) -> list[str]:
-    """One string per query row: each key a cell of `cell` characters, blank where masked."""
-    allowed_TS = np.asarray(causal_mask(*pattern_TS.shape))
+def heat_rows(pattern_TS: np.ndarray, cell: int = 2, causal: bool = True) -> list[str]:
+    """One string per query row: each key a cell of `cell` characters, blank where masked
+    (by the causal rule; cross-attention, `causal=False`, masks nothing)."""
+    allowed_TS = (np.asarray(causal_mask(*pattern_TS.shape)) if causal
+                  else np.ones(pattern_TS.shape, bool))
     return ["".join((shade(w) if ok else MASKED) * cell for w, ok in zip(weights_S, allowed_S))
             for weights_S, allowed_S in zip(pattern_TS, allowed_TS)]
 
@@ -42,22 +44,28 @@ def _column_header(labels: list[str], cell: int, indent: int) -> list[str]:
             for i in range(height)]
 
 
-def ascii_heatmap(pattern_TS: np.ndarray, labels: list[str], title: str = "") -> str:
+def ascii_heatmap(pattern_TS: np.ndarray, labels: list[str], title: str = "",
+                  row_labels: list[str] | None = None) -> str:
     """A pattern (row t: how much query t attends to each key) as a terminal heat map, query
     tokens down the left, key tokens across the top; shades · ░ ▒ ▓ █ = weight 0..1 in fifths,
-    blank = masked (a future key)."""
+    blank = masked (a future key). Cross-attention: `labels` name the keys (the source) and
+    `row_labels` the queries, and nothing is masked."""
     pattern_TS = np.asarray(pattern_TS, dtype=np.float64)
     T, S = pattern_TS.shape
     if len(labels) != S:
         raise ValueError(f"{len(labels)} labels for a pattern over {S} keys")
     cell = 2 if S <= 40 else 1  # a terminal cell is about twice as tall as it is wide
-    row_labels = [f"{t:>3} {label[:12]}" for t, label in enumerate(labels[S - T:])]
+    causal = row_labels is None
+    if not causal and len(row_labels) != T:
+        raise ValueError(f"{len(row_labels)} row labels for a pattern over {T} queries")
+    row_labels = [f"{t:>3} {label[:12]}"
+                  for t, label in enumerate(labels[S - T:] if causal else row_labels)]
     width = max(len(label) for label in row_labels) + 1
     key_labels = [label[:6] for label in labels]
     lines = [title] if title else []
     lines.append(f"rows: queries (attending) · columns: keys (attended to) · "
-                 f"{SHADES} = weight 0..1 · blank = masked (future)")
+                 f"{SHADES} = weight 0..1" + (" · blank = masked (future)" if causal else ""))
     lines += _column_header(key_labels, cell, width + 1)
-    rows = heat_rows(pattern_TS, cell)
+    rows = heat_rows(pattern_TS, cell, causal)
     lines += [f"{label:<{width}}│{row}".rstrip() for label, row in zip(row_labels, rows)]
     return "\n".join(lines)

@@ -35,43 +35,63 @@ def _grid(layers: list[int], heads: list[int]) -> tuple[int, int, list[tuple[int
     return math.ceil(len(heads) / columns), columns, panels
 
 
-def _draw_pattern(ax, pattern_TT: np.ndarray, labels: list[str], title: str):
-    """One head's pattern: query rows, key columns, masked cells in MASK_COLOUR."""
-    T = pattern_TT.shape[0]
-    masked_TT = np.ma.masked_array(pattern_TT, mask=~np.asarray(causal_mask(T)))
-    image = ax.imshow(masked_TT, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
-    ticks = np.arange(0, T, _tick_step(T))
+def _ticks(labels: list[str], inches: float):
+    ticks = np.arange(0, len(labels), _tick_step(len(labels)))
     shown = [_escape(labels[i]) for i in ticks]
-    size = float(np.clip(_panel_inches(T) * 72 / (len(ticks) + 2) * 0.8, 4, 9))
-    vertical = max(len(s) for s in shown) > 2
-    ax.set_xticks(ticks, shown, fontsize=size, rotation=90 if vertical else 0)
-    ax.set_yticks(ticks, shown, fontsize=size)
+    return ticks, shown, float(np.clip(inches * 72 / (len(ticks) + 2) * 0.8, 4, 9))
+
+
+def _draw_pattern(ax, pattern_TS: np.ndarray, labels: list[str], title: str,
+                  key_labels: list[str] | None = None):
+    """One head's pattern: query rows, key columns. Self-attention (no `key_labels`): the keys
+    are the queries' own tokens and masked (future) cells are MASK_COLOUR; cross-attention: the
+    keys are another sequence's `key_labels`, every cell a weight."""
+    T, S = pattern_TS.shape
+    shown_TS = pattern_TS
+    if key_labels is None:
+        key_labels = labels
+        shown_TS = np.ma.masked_array(pattern_TS, mask=~np.asarray(causal_mask(T, S)))
+    image = ax.imshow(shown_TS, cmap=CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+    inches = _panel_inches(max(T, S))
+    x_ticks, x_shown, x_size = _ticks(key_labels, inches)
+    y_ticks, y_shown, y_size = _ticks(labels, inches)
+    vertical = max(len(s) for s in x_shown) > 2
+    ax.set_xticks(x_ticks, x_shown, fontsize=min(x_size, y_size), rotation=90 if vertical else 0)
+    ax.set_yticks(y_ticks, y_shown, fontsize=min(x_size, y_size))
     ax.tick_params(length=0, pad=1)
     ax.set_title(title, fontsize=9)
     return image
 
 
-def attention_figure(patterns_LNTT, labels: list[str], layers=None, heads=None) -> Figure:
+SELF_TITLE = ("attention patterns: row = query (the token attending), column = key "
+              "(attended to); grey = masked future key")
+
+
+def attention_figure(patterns_LNTT, labels: list[str], layers=None, heads=None, *,
+                     key_labels: list[str] | None = None, title: str | None = None) -> Figure:
     """One sequence's patterns, chosen layers × heads, each a panel with its tokens labelled
-    (rows: queries, columns: keys), the causal triangle in grey, one colour scale 0..1."""
+    (rows: queries, columns: keys), the causal triangle in grey, one colour scale 0..1.
+    Cross-attention ([L, N, T, S]): `key_labels` name the S source tokens, nothing is masked."""
     patterns_LNTT = np.asarray(patterns_LNTT, dtype=np.float32)
-    L, N, T, _ = patterns_LNTT.shape
+    L, N, T, S = patterns_LNTT.shape
     if len(labels) != T:
         raise ValueError(f"{len(labels)} labels for patterns over {T} tokens")
+    if key_labels is not None and len(key_labels) != S:
+        raise ValueError(f"{len(key_labels)} key labels for patterns over {S} keys")
     layers = list(range(L)) if layers is None else list(layers)
     heads = list(range(N)) if heads is None else list(heads)
     rows, columns, panels = _grid(layers, heads)
-    inches = _panel_inches(T)
-    fig = Figure(figsize=(columns * inches + 1.6, rows * inches + 1.2), dpi=DPI,
+    width, height = _panel_inches(S), _panel_inches(T)
+    fig = Figure(figsize=(columns * width + 1.6, rows * height + 1.2), dpi=DPI,
                  layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax, (l, n) in zip(axes.flat, panels):
-        image = _draw_pattern(ax, patterns_LNTT[l, n], labels, f"layer {l} · head {n}")
+        image = _draw_pattern(ax, patterns_LNTT[l, n], labels, f"layer {l} · head {n}",
+                              key_labels)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight (each row sums to 1)")
-    fig.suptitle("attention patterns: row = query (the token attending), column = key "
-                 "(attended to); grey = masked future key", fontsize=10)
+    fig.suptitle(title or SELF_TITLE, fontsize=10)
     fig.supxlabel("key token", fontsize=9)
     fig.supylabel("query token", fontsize=9)
     return fig
@@ -90,14 +110,15 @@ def png_plan(L: int, N: int, layer=None, head=None, max_panels=MAX_PANELS):
 
 
 def save_attention_pngs(patterns_LNTT, labels: list[str], out_dir, layer=None, head=None,
-                        max_panels=MAX_PANELS) -> list[pathlib.Path]:
-    """Write the pictures `png_plan` names into out_dir; return their paths."""
+                        max_panels=MAX_PANELS, **figure) -> list[pathlib.Path]:
+    """Write the pictures `png_plan` names into out_dir; return their paths. `figure`:
+    attention_figure's key_labels and title (for cross-attention)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L, N = np.shape(patterns_LNTT)[:2]
     paths = []
     for name, layers, heads in png_plan(L, N, layer, head, max_panels):
-        fig = attention_figure(patterns_LNTT, labels, layers, heads)
+        fig = attention_figure(patterns_LNTT, labels, layers, heads, **figure)
         fig.savefig(out_dir / name, dpi=DPI)
         paths.append(out_dir / name)
     return paths
