@@ -7,6 +7,7 @@ import sys
 import time
 
 from .explain_commands import add_predict
+from .translate_command import add_translate, cross_attention_command
 
 
 def _params(args) -> None:
@@ -65,6 +66,8 @@ def _attention(args) -> None:
     if not args.out and not args.ascii:
         raise ValueError("give --out DIR for the pictures, or --ascii to print the maps here")
     out = _writable_dir(pathlib.Path(args.out), "--out") if args.out else None
+    if args.input is not None:  # an encoder-decoder: its cross-attention over the source
+        return cross_attention_command(args, out)
     if not args.prompt:
         raise ValueError("the prompt is empty: give at least one character to look at")
     params, cfg = load_model(args.run_dir)
@@ -168,10 +171,20 @@ def _train(args) -> None:
         text = sample_text(result["params"], cfg, result["data"], prompt, cfg.train.sample_tokens,
                            temperature=0.8, top_k=40)
         print(f"\n--- sample ---\n{text}\n--------------")
+    if cfg.data.task and jax.process_count() == 1:
+        _show_translations(result["params"], cfg.model)
     if "initial_eval_loss" in result:
         print(f"validation loss before training: {result['initial_eval_loss']:.4f} nats/token")
     print(f"validation loss {result['eval_loss']:.4f} nats/token after {result['step']} steps; "
           f"unigram baseline {result['unigram_loss']:.4f}; {minutes:.1f} min; run dir {run_dir}")
+
+
+def _show_translations(params, cfg) -> None:
+    from .numbers import number_words, translate
+    examples = [0, 7, 42, 4021, 90017, 999999]
+    print("\n--- translations (model | right answer) ---")
+    for n, words in zip(examples, translate(params, cfg, examples)):
+        print(f"{n:>7}: {words}" + ("" if words == number_words(n) else f"  | {number_words(n)}"))
 
 
 def _prompt_text(args) -> str:
@@ -274,7 +287,10 @@ def _add_attention(commands, run) -> None:
     attention = commands.add_parser("attention", help="draw every head's attention pattern "
                                     "over a prompt (PNG per layer, or text with --ascii)")
     attention.add_argument("--run-dir", required=True)
-    attention.add_argument("--prompt", required=True, help="the text to look at")
+    text = attention.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the text to look at")
+    text.add_argument("--input", help="a source for an encoder-decoder run (a number, for "
+                      "numbers_to_words): draws the cross-attention of its translation")
     attention.add_argument("--out", metavar="DIR", help="where the pictures go")
     attention.add_argument("--layer", type=int, help="only this layer (from 0)")
     attention.add_argument("--head", type=int, help="only this head (from 0)")
@@ -337,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_params, _add_train, _add_shardings, _add_sample, _add_hf, _add_attention):
         add(commands, run)
     add_predict(commands)
+    add_translate(commands)
     return parser
 
 

@@ -12,6 +12,7 @@ from .tokenizers import (ByteTokenizer, CharTokenizer, HFTokenizer, Tokenizer, r
                          tokenizer_from_json)
 
 BIN_DTYPES = ("uint16", "uint32")
+TASKS = ("", "numbers_to_words")  # "": the text's next tokens; else a generated task
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,14 +24,17 @@ class DataConfig:
     bin_dtype: str = "uint16"  # of a folder holding nanoGPT-style train.bin and val.bin
     val_fraction: float = 0.1
     cache_dir: str = ""  # "" = $HEADWISE_CACHE, else ~/.cache/headwise
+    task: str = ""  # "" = next-token prediction on the text; "numbers_to_words": translation
 
     def __post_init__(self):
-        for name in ("path", "tokenizer", "cache_dir"):
+        for name in ("path", "tokenizer", "cache_dir", "task"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"data.{name} must be a string, got {getattr(self, name)!r}")
         if self.tokenizer not in ("byte", "char") and not self.tokenizer.endswith(".json"):
             raise ValueError(f"data.tokenizer must be 'byte', 'char' or a path to a tokenizer.json, "
                              f"got {self.tokenizer!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {TASKS}, got {self.task!r}")
         if self.bin_dtype not in BIN_DTYPES:
             raise ValueError(f"data.bin_dtype must be one of {BIN_DTYPES}, got {self.bin_dtype!r}")
         value = self.val_fraction

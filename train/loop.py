@@ -15,7 +15,7 @@ from headwise import parallel
 from headwise.model import flops_per_token, param_axes
 from headwise.model.decode import generate_stream_sliding
 
-from . import checkpoint
+from . import checkpoint, numbers
 from .config import RunConfig, to_dict, write_config
 from .data import Dataset, check_fits, get_batch, load_dataset
 from .layout import Layout, StateShardings, resolve_run, shard_state
@@ -91,8 +91,15 @@ def announce(run: Run) -> None:
             f"device(s), {jax.process_count()} process(es), strategy {run.layout.strategy}")
 
 
-def load_data(cfg: RunConfig, run_dir: pathlib.Path) -> Dataset:
-    """The dataset, checked against the model; the run folder with its config and tokenizer."""
+def load_data(cfg: RunConfig, run_dir: pathlib.Path) -> Dataset | numbers.NumbersData:
+    """The dataset (or a generated task), checked against the model; the run folder with its
+    config and tokenizer."""
+    if cfg.data.task == numbers.TASK:
+        numbers.check_model(cfg.model)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            write_config(cfg, run_dir / "config.toml")
+        return numbers.NumbersData()
     data = load_dataset(cfg.data, vocab_size=cfg.model.vocab_size)
     if data.tokenizer is not None and data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {data.tokenizer.vocab_size} tokens but "
@@ -125,7 +132,8 @@ def open_outputs(run: Run, state: dict, manager: ocp.CheckpointManager,
     start = int(state["step"])
     if start:
         run.say(f"resumed from step {start} in {run.run_dir}")
-    baseline = unigram_loss(run.data.train, run.data.vocab_size)
+    baseline = (run.data.baseline() if isinstance(run.data, numbers.NumbersData)
+                else unigram_loss(run.data.train, run.data.vocab_size))
     summary = {"unigram_loss": baseline, "start_step": start}
     log = MetricsLog(run.run_dir, start, enabled=jax.process_index() == 0, baseline=baseline)
     out = Outputs(log, manager, _speedometer(run, start), summary, profiler)
@@ -193,11 +201,13 @@ def _speedometer(run: Run, start: int) -> Speedometer:
 
 
 def global_batch(run: Run, tokens, step: int, seed: int) -> dict:
-    """This process's rows of the global batch for `step`, as one sharded jax.Array each."""
-    inputs, targets = get_batch(tokens, seed=seed, step=step, batch_size=run.cfg.train.batch_size,
-                                context_length=run.cfg.model.context_length,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
+    """This process's rows of the global batch for `step`, as one sharded jax.Array each.
+    `tokens`: a split's tokens (or, for a generated task, the split's name)."""
+    rows = dict(seed=seed, step=step, batch_size=run.cfg.train.batch_size,
+                process_index=jax.process_index(), process_count=jax.process_count())
+    if isinstance(run.data, numbers.NumbersData):
+        return parallel.shard_batch(run.data.batch(tokens, **rows), run.program.shardings.batch)
+    inputs, targets = get_batch(tokens, context_length=run.cfg.model.context_length, **rows)
     return parallel.shard_batch({"inputs": inputs, "targets": targets},
                                 run.program.shardings.batch)
 
@@ -213,10 +223,15 @@ def evaluate(run: Run, params) -> float:
 def log_eval(run: Run, params, out: Outputs, step: int) -> float:
     """`evaluate`, written to the metrics and shown against the unigram baseline."""
     value = evaluate(run, params)
-    out.log.write({"step": step, "eval_loss": value})
+    row = {"step": step, "eval_loss": value}
+    if isinstance(run.data, numbers.NumbersData):  # exact match on the held-out numbers
+        row["eval_accuracy"] = out.summary["eval_accuracy"] = run.data.accuracy(
+            params, run.cfg.model)
+    out.log.write(row)
     out.log.draw()
+    accuracy = f", held-out exact match {row['eval_accuracy']:.1%}" if len(row) > 2 else ""
     run.say(f"step {step}: validation loss {value:.4f} "
-            f"(unigram baseline {out.summary['unigram_loss']:.4f})")
+            f"(unigram baseline {out.summary['unigram_loss']:.4f}){accuracy}")
     return value
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from headwise import parallel
-from headwise.model import ModelConfig, loss
+from headwise.model import ModelConfig, encoder_decoder_loss, loss
 
 from .layout import StateShardings
 
@@ -24,15 +24,25 @@ def _micro_batches(batch: dict, k: int) -> dict:
                         batch)
 
 
+def batch_loss(params: dict, batch: dict, cfg: ModelConfig) -> jax.Array:
+    """The batch's mean loss: next tokens of text, or (a batch with a "source") of the
+    targets given the source, over the targets' real (unpadded) positions."""
+    if "source" not in batch:
+        return loss(params, batch["inputs"], batch["targets"], cfg)
+    return encoder_decoder_loss(params, batch["source"], batch["inputs"], batch["targets"], cfg,
+                                source_mask_BS=batch["source_mask"],
+                                target_mask_BT=batch["target_mask"])
+
+
 def loss_and_grads(params: dict, batch: dict, cfg: ModelConfig, grad_accum: int = 1):
     """Mean loss and gradients over `grad_accum` micro-batches, summed in a scan so only one
     micro-batch's activations are alive at a time."""
-    grad_fn = jax.value_and_grad(loss)
+    grad_fn = jax.value_and_grad(batch_loss)
     if grad_accum == 1:
-        return grad_fn(params, batch["inputs"], batch["targets"], cfg)
+        return grad_fn(params, batch, cfg)
 
     def accumulate(carry, micro):
-        value, grads = grad_fn(params, micro["inputs"], micro["targets"], cfg)
+        value, grads = grad_fn(params, micro, cfg)
         return jax.tree.map(jnp.add, carry, (value, grads)), None
 
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -55,10 +65,6 @@ def train_step(state: dict, batch: dict, *, cfg: ModelConfig, optimizer, schedul
     return new_state, metrics
 
 
-def _batch_tree(sharding) -> dict:
-    return {"inputs": sharding, "targets": sharding}
-
-
 def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1,
                     shardings: StateShardings | None = None, **jit_kwargs):
     """`train_step` jitted with the state donated (its buffers are reused for the new state).
@@ -68,14 +74,15 @@ def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1,
                              grad_accum=grad_accum)
     if shardings is not None:
         step = parallel.under_rules(step, shardings.mesh, shardings.rules)
-        jit_kwargs.update(in_shardings=(shardings.state, _batch_tree(shardings.batch)),
+        # One sharding for every [batch, ...] array of the batch, whatever the task puts in it.
+        jit_kwargs.update(in_shardings=(shardings.state, shardings.batch),
                           out_shardings=(shardings.state, shardings.replicated))
     return jax.jit(step, donate_argnums=0, **jit_kwargs)
 
 
 def make_eval_step(cfg: ModelConfig, shardings: StateShardings, **jit_kwargs):
     """Mean loss of a sharded batch under the state's sharded params."""
-    evaluate = lambda params, batch: loss(params, batch["inputs"], batch["targets"], cfg)
+    evaluate = lambda params, batch: batch_loss(params, batch, cfg)
     return jax.jit(parallel.under_rules(evaluate, shardings.mesh, shardings.rules),
-                   in_shardings=(shardings.state["params"], _batch_tree(shardings.batch)),
+                   in_shardings=(shardings.state["params"], shardings.batch),
                    out_shardings=shardings.replicated, **jit_kwargs)
