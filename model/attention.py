@@ -318,33 +318,28 @@ def attend(q_BTNH, k_BSNH, v_BSNH, visible: Visible, cfg: ModelConfig,
 
 
 def project_qkv(layer: dict, x_BTD: jax.Array, source_BSD: jax.Array | None = None):
-    """q_BTNH, k_BSNH, v_BSNH. Self-attention does ONE [B*T, D] x [D, 3*N*H] matmul."""
-    B, T, D = x_BTD.shape
-    _, N, H = layer["query"].shape
+    """q_BTNH, k_BSNH, v_BSNH. Self-attention does ONE [B*T, D] x [D, 3*N*H] matmul. The three
+    matrices are stacked on a new axis, not concatenated along N*H: under tensor parallelism a
+    device's heads stay its own, where a concatenation over the split heads axis made XLA
+    all-gather and all-to-all the weights in every layer (docs/scaling.md)."""
     names = ("query", "key", "value_down")
     if source_BSD is None:
-        w_DK = jnp.concatenate([layer[n].reshape(D, N * H) for n in names], axis=1)
-        y = x_BTD.reshape(B * T, D) @ w_DK
+        y = jnp.einsum("BTD,DKNH->BTKNH", x_BTD, jnp.stack([layer[n] for n in names], axis=1))
         if "query_bias" in layer:
-            y = y + jnp.concatenate([layer[f"{n}_bias"].reshape(N * H) for n in names])
-        return tuple(y.reshape(B, T, 3, N, H)[:, :, i] for i in range(3))
-    q = x_BTD.reshape(B * T, D) @ layer["query"].reshape(D, N * H)
-    S = source_BSD.shape[1]
-    kv = source_BSD.reshape(B * S, D) @ jnp.concatenate(
-        [layer[n].reshape(D, N * H) for n in names[1:]], axis=1)
+            y = y + jnp.stack([layer[f"{n}_bias"] for n in names])
+        return y[:, :, 0], y[:, :, 1], y[:, :, 2]
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, layer["query"])
+    kv = jnp.einsum("BSD,DKNH->BSKNH", source_BSD, jnp.stack([layer[n] for n in names[1:]], axis=1))
     if "query_bias" in layer:
-        q = q + layer["query_bias"].reshape(N * H)
-        kv = kv + jnp.concatenate([layer[f"{n}_bias"].reshape(N * H) for n in names[1:]])
-    kv = kv.reshape(B, S, 2, N, H)
-    return q.reshape(B, T, N, H), kv[:, :, 0], kv[:, :, 1]
+        q = q + layer["query_bias"]
+        kv = kv + jnp.stack([layer[f"{n}_bias"] for n in names[1:]])
+    return q, kv[:, :, 0], kv[:, :, 1]
 
 
 def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
     """Every head's output through its rows of the output matrix (value_up), summed over heads,
     plus the output bias: the change the layer adds to the residual stream."""
-    B, T, N, H = out_BTNH.shape
-    delta = out_BTNH.reshape(B * T, N * H) @ layer["value_up"].reshape(N * H, -1)
-    delta = delta.reshape(B, T, -1)
+    delta = jnp.einsum("BTNH,NHD->BTD", out_BTNH, layer["value_up"])
     return delta + layer["output_bias"] if "output_bias" in layer else delta
 
 
