@@ -146,6 +146,26 @@ def _use_compile_cache(enabled: bool) -> None:
         compile_cache.enable(_writable_dir(folder, f"the compilation cache ({compile_cache.ENV})"))
 
 
+def _plan(args) -> None:
+    from .plan import plan_text
+    if args.preset:  # the preset first, so --set model.* still overrides its fields
+        args.set.insert(0, [f"model.preset={args.preset!r}"])
+    print(plan_text(_run_config(args), args))
+
+
+def _sweep(args) -> None:
+    from .sweep import fit_power_law, parse_widths, sweep
+    widths = parse_widths(args.widths)
+    cfg = _run_config(args)
+    rows = sweep(cfg, widths, args.steps or cfg.train.steps, _writable_dir(pathlib.Path(args.out),
+                                                                          "--out"))
+    for r in rows:
+        print(f"width {r['width']:>5}  params {r['params']:>12,}  flops {r['flops']:.3g}  "
+              f"eval loss {r['eval_loss']:.4f}  ({r['seconds'] / 60:.1f} min)")
+    _, alpha = fit_power_law([r["params"] for r in rows], [r["eval_loss"] for r in rows])
+    print(f"loss ~ params^-{alpha:.3f}; wrote {args.out}/sweep.jsonl and {args.out}/sweep.png")
+
+
 def _train(args) -> None:
     import jax
     from .loop import sample_text, train
@@ -317,6 +337,25 @@ def _add_shardings(commands, run) -> None:
     shardings.set_defaults(run=_shardings)
 
 
+def _add_plan(commands, run) -> None:
+    from .plan import add_plan_options
+    plan = commands.add_parser("plan", parents=[run], help="what one training step costs each "
+                               "device of a mesh: memory, FLOPs, collectives, step time, MFU")
+    add_plan_options(plan)
+    plan.set_defaults(run=_plan)
+
+
+def _add_sweep(commands, run) -> None:
+    sweep = commands.add_parser("sweep", parents=[run], help="train a ladder of widths on the "
+                                "same data and tokens; plot loss against size and compute")
+    sweep.add_argument("--widths", default="32,64,128,256,384",
+                       help="d_model of each rung (multiples of model.d_head)")
+    sweep.add_argument("--steps", type=int, help="steps per rung (default: train.steps)")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="sweep.jsonl, sweep.png and "
+                       "one run folder per width")
+    sweep.set_defaults(run=_sweep)
+
+
 def _add_sample(commands, run) -> None:
     sample = commands.add_parser("sample", help="generate text from a trained run")
     sample.add_argument("--run-dir", required=True)
@@ -350,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = _run_options()
-    for add in (_add_params, _add_train, _add_shardings, _add_sample, _add_hf, _add_attention):
+    for add in (_add_params, _add_train, _add_shardings, _add_plan, _add_sweep, _add_sample,
+                _add_hf, _add_attention):
         add(commands, run)
     add_predict(commands)
     add_translate(commands)
