@@ -20,6 +20,10 @@ class Hardware:
     node_size: int  # devices that share the fast links
     source: str
 
+    @property
+    def is_gpu(self) -> bool:
+        return self.name[0] in "ah"  # h100, h200, a100
+
 
 GiB = 1024**3
 HARDWARE = {h.name: h for h in (
@@ -37,13 +41,13 @@ HARDWARE = {h.name: h for h in (
     # tables): a pod is one ICI torus, so every mesh axis runs on ICI (node_size = pod size).
     # One torus axis of a full pod wraps around, so a ring over it uses both directions of
     # a link: the bidirectional per-link figure.
-    Hardware("tpu-v4", 2.75e14, "bfloat16", 32 * GiB, 1.2e12, 9e10, 9e10, 4096,
+    Hardware("tpu-v4", 2.75e14, "bfloat16", 32e9, 1.2e12, 9e10, 9e10, 4096,
              "JAX scaling book, TPU chip table: v4p 2.75e14 BF16 FLOP/s, 32 GB HBM at 1.2e12 B/s; "
              "ICI 4.5e10 B/s per link one way, 9e10 both ways"),
-    Hardware("tpu-v5e", 1.97e14, "bfloat16", 16 * GiB, 8.1e11, 9e10, 9e10, 256,
+    Hardware("tpu-v5e", 1.97e14, "bfloat16", 16e9, 8.1e11, 9e10, 9e10, 256,
              "JAX scaling book, TPU chip table: v5e 1.97e14 BF16 FLOP/s, 16 GB HBM at 8.1e11 B/s; "
              "ICI 4.5e10 B/s per link one way, 9e10 both ways; pods of 16x16"),
-    Hardware("tpu-v5p", 4.59e14, "bfloat16", 96 * GiB, 2.8e12, 1.8e11, 1.8e11, 8960,
+    Hardware("tpu-v5p", 4.59e14, "bfloat16", 96e9, 2.8e12, 1.8e11, 1.8e11, 8960,
              "JAX scaling book, TPU chip table: v5p 4.59e14 BF16 FLOP/s, 96 GB HBM at 2.8e12 B/s; "
              "ICI 9e10 B/s per link one way, 1.8e11 both ways; pods of 16x20x28"),
     # This machine's CPU, measured (2 cores, f32 2048x2048 matmul in jax; numpy copy of

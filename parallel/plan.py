@@ -206,6 +206,12 @@ class Plan:
 
     @property
     def compute_s(self) -> float:
+        """The model's FLOPs (and remat's recomputation) at the device's peak."""
+        recompute = RECOMPUTE.get(getattr(self.model, "remat", "none"), 1.0)
+        return recompute * self.flops_per_step / self.devices / self.hardware.peak_flops
+
+    @property
+    def model_compute_s(self) -> float:
         return self.flops_per_step / self.devices / self.hardware.peak_flops
 
     @property
@@ -213,12 +219,33 @@ class Plan:
         return sum(c.seconds for c in self.collectives)
 
     @property
+    def hbm_bytes(self) -> float:
+        """Bytes between the device and its memory per step, at least: the weights read in the
+        forward and twice in the backward pass, gradients written and read, the optimizer
+        state read and written, the new weights written, activations written and read."""
+        return (4 * self.params_bytes + 2 * self.grads_bytes + 2 * self.optimizer_bytes
+                + 2 * (self.activation_bytes + self.weight_copy_bytes))
+
+    @property
+    def memory_s(self) -> float:
+        return self.hbm_bytes / self.hardware.hbm_bw
+
+    @property
+    def bound(self) -> str:
+        times = {"compute": self.compute_s, "communication": self.comm_s,
+                 "memory-bandwidth": self.memory_s}
+        return max(times, key=times.get)
+
+    @property
     def step_time_s(self) -> float:
-        return max(self.compute_s, self.comm_s)
+        """The roofline: compute, collectives and memory traffic overlapped, the slowest wins."""
+        return max(self.compute_s, self.comm_s, self.memory_s)
 
     @property
     def mfu(self) -> float:
-        return self.compute_s / self.step_time_s
+        """Model FLOPs over what the devices could do in the step (recomputation is not
+        model FLOPs)."""
+        return self.model_compute_s / self.step_time_s
 
     @property
     def intensity(self) -> float:
@@ -250,9 +277,8 @@ class Plan:
                 "collective_bytes_per_step": sum(c.operand_bytes for c in self.collectives),
                 "collective_wire_bytes_per_step": sum(c.wire_bytes for c in self.collectives),
                 "collectives": [dataclasses.asdict(c) for c in self.collectives],
-                "compute_s": self.compute_s, "comm_s": self.comm_s,
-                "step_time_s": self.step_time_s, "mfu": self.mfu,
-                "bound": "compute" if self.compute_s >= self.comm_s else "communication",
+                "compute_s": self.compute_s, "comm_s": self.comm_s, "memory_s": self.memory_s,
+                "step_time_s": self.step_time_s, "mfu": self.mfu, "bound": self.bound,
                 "intensity_flops_per_byte": self.intensity,
                 "critical_intensity_flops_per_byte": self.critical_intensity}
 
@@ -263,6 +289,21 @@ def _merge(items: list, mesh, hw) -> tuple:
     for what, kind, axes, operand in items:
         sums[(what, kind, axes)] = sums.get((what, kind, axes), 0) + operand
     return tuple(_collective(w, k, a, b, mesh, hw) for (w, k, a), b in sums.items())
+
+
+def traced_model(cfg: ModelConfig, hw: Hardware) -> ModelConfig:
+    """The model whose saved residuals stand for `cfg`'s on `hw`. On a GPU in 16 bits the
+    'dot_product' kernel is cuDNN's flash attention (model.attention._flash_causal), which
+    keeps q, k, v, the output and each row's softmax statistics, not the [T, S] patterns that
+    XLA's version (what tracing here sees) keeps: the 'chunked' kernel keeps the same."""
+    flash = hw.is_gpu and cfg.dtype in ("bfloat16", "float16") and cfg.attention == "dot_product"
+    return dataclasses.replace(cfg, attention="chunked") if flash else cfg
+
+
+# FLOPs the hardware does per model FLOP: full remat runs each block's forward pass twice
+# (4 of 3 passes' worth, as the PaLM paper counts); 'dots' keeps the matmuls' outputs, so
+# only cheap elementwise work is redone.
+RECOMPUTE = {"none": 1.0, "dots": 1.0, "full": 4 / 3}
 
 
 def plan_step(cfg: ModelConfig, mesh_sizes: dict, rules, hw: Hardware, batch: int,
@@ -281,7 +322,7 @@ def plan_step(cfg: ModelConfig, mesh_sizes: dict, rules, hw: Hardware, batch: in
     item = np.dtype(cfg.param_dtype).itemsize
     params = sum(math.prod(local_shape(s.shape, s.axes, mesh, rules)) for _, s in _param_leaves(cfg))
     batch_local = batch // math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
-    acts, copies = activation_bytes(cfg, mesh, rules, batch_local, seq)
+    acts, copies = activation_bytes(traced_model(cfg, hw), mesh, rules, batch_local, seq)
     items = (_param_collectives(cfg, mesh, rules)
              + _activation_collectives(cfg, mesh, rules, batch_local, seq))
     return Plan(cfg, dict(mesh.shape), strategy, hw, batch, seq, params * item, params * item,
@@ -301,15 +342,28 @@ def _seconds(s: float) -> str:
 
 
 def check_fits(p: Plan) -> str | None:
-    """None if the step fits in the device's memory, else why not and what would."""
-    if p.total_bytes <= p.hardware.memory:
+    """None if the step fits in the device's memory, else why not and what would: more
+    sharding if the state alone is too big, else fewer rows per device (or remat)."""
+    memory, name = p.hardware.memory, p.hardware.name
+    if p.total_bytes <= memory:
         return None
-    state = p.params_bytes + p.grads_bytes + p.optimizer_bytes
-    need = math.ceil(state * p.devices / p.hardware.memory)
-    return (f"does not fit: {_size(p.total_bytes)} per device against {p.hardware.name}'s "
-            f"{_size(p.hardware.memory)}; the parameters, gradients and optimizer state alone "
-            f"need at least {need} devices' memory (shard them over more fsdp x tensor), and "
-            f"activations shrink with a smaller --batch or more data x fsdp")
+    state = p.params_bytes + p.grads_bytes + p.optimizer_bytes + p.weight_copy_bytes
+    head = (f"does not fit: {_size(p.total_bytes)} per device against {name}'s "
+            f"{_size(memory)}")
+    if state > memory:
+        need = math.ceil(state * p.mesh["fsdp"] * p.mesh["tensor"] / memory)
+        return (f"{head}; the parameters, gradients and optimizer state alone are "
+                f"{_size(state)}: shard them over fsdp x tensor >= {need} (now "
+                f"{p.mesh['fsdp'] * p.mesh['tensor']})")
+    rows = p.batch // (p.mesh["data"] * p.mesh["fsdp"])
+    fit = int((memory - state) // (p.activation_bytes / rows))
+    fixes = [f"--batch {fit * p.mesh['data'] * p.mesh['fsdp']:,} ({fit} rows per device; "
+             f"train.grad_accum keeps the global batch)" if fit else
+             "fewer tokens per row (--context)"]
+    if getattr(p.model, "remat", "none") != "full":
+        fixes.append("--set model.remat=full (keep only each block's input)")
+    return (f"{head}: activations for {rows} rows per device are {_size(p.activation_bytes)}; "
+            f"try " + " or ".join(fixes))
 
 
 def format_plan(p: Plan) -> str:
@@ -333,10 +387,14 @@ def format_plan(p: Plan) -> str:
     for col in p.collectives:
         lines.append(f"  {col.kind:<15}{'x'.join(col.axes):<12}{_size(col.operand_bytes):>10}"
                      f"{_seconds(col.seconds):>11}  {col.what}")
-    bound = "compute" if p.compute_s >= p.comm_s else "communication"
-    lines += ["", f"step: compute {_seconds(p.compute_s)}, communication {_seconds(p.comm_s)} "
-                  f"-> {_seconds(p.step_time_s)} if they overlap ({bound}-bound), MFU {p.mfu:.1%}",
+    lines += ["", f"step: compute {_seconds(p.compute_s)}, communication {_seconds(p.comm_s)}, "
+                  f"memory traffic {_seconds(p.memory_s)} ({_size(p.hbm_bytes)} at "
+                  f"{hw.hbm_bw:.3g} B/s)",
+              f"  -> {_seconds(p.step_time_s)} if they overlap ({p.bound}-bound), MFU {p.mfu:.1%}",
               f"arithmetic intensity {p.intensity:.4g} FLOPs per byte sent, against "
               f"{p.critical_intensity:.4g} (peak FLOP/s over the slowest link used)",
               "", f"hardware: {hw.source}"]
+    if p.model.dtype != hw.dtype:
+        lines.append(f"note: the model computes in {p.model.dtype}; the peak is {hw.dtype}'s "
+                     f"(--set model.dtype={hw.dtype})")
     return "\n".join(lines)

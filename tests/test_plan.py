@@ -1,6 +1,7 @@
 """The per-device plan held to the compiler on 8 simulated devices (XLA's memory_analysis and
 the collectives in its HLO), the HLO reader held to programs whose collectives are known, the
 plan's one-line errors, and the sweep's bookkeeping."""
+import dataclasses
 import functools
 import json
 import math
@@ -158,24 +159,36 @@ def test_mesh_that_does_not_divide_names_the_field():
 
 
 def test_plan_that_does_not_fit_says_what_would():
-    p = plan_run(RunConfig(model=ModelConfig.preset("gpt3-175b", vocab_size=50304),
-                           mesh=MeshConfig(data=8, fsdp=16, tensor=8)), "h100", batch=128)
-    problem = check_fits(p)
-    assert problem.startswith("does not fit: ") and "h100's 80 GB" in problem
-    state = p.params_bytes + p.grads_bytes + p.optimizer_bytes
-    assert f"at least {math.ceil(state * 1024 / 80e9)} devices" in problem
+    gpt3 = RunConfig(model=ModelConfig.preset("gpt3-175b", vocab_size=50304),
+                     mesh=MeshConfig(data=8, fsdp=16, tensor=8))
+    p = plan_run(gpt3, "h100", batch=128)
+    assert check_fits(p).startswith("does not fit: ") and "h100's 80 GB: activations for 1 " \
+        "rows per device are" in check_fits(p) and "model.remat=full" in check_fits(p)
+    # The state alone: 16 bytes per parameter (f32 weights, gradients, two AdamW moments) is
+    # 2.79 TB, 35 H100s' worth, plus the stacked query/key/value copies the backward keeps.
+    small_mesh = dataclasses.replace(gpt3, mesh=MeshConfig(data=8, fsdp=2, tensor=8))
+    problem = check_fits(plan_run(small_mesh, "h100", batch=16))
+    need = int(problem.split("fsdp x tensor >= ")[1].split(" ")[0])
+    assert 35 <= need <= 40 and problem.endswith("(now 16)"), problem
+    # Fewer rows fit: the suggested batch does.
+    remat = dataclasses.replace(gpt3, model=dataclasses.replace(gpt3.model, remat="full",
+                                                                dtype="bfloat16"))
+    problem = check_fits(plan_run(remat, "h100", batch=1536))
+    suggested = int(problem.split("--batch ")[1].split(" ")[0].replace(",", ""))
+    assert check_fits(plan_run(remat, "h100", batch=suggested)) is None
     assert check_fits(plan_run(_run_cfg(), "h100", batch=1)) is None
 
 
 def test_gpt3_plan_carries_the_explanations_figures():
-    """175B f32 parameters over fsdp 16 x tensor 8: a 128th of 698 GB each (biases and norms,
-    replicated over tensor, add a little); AdamW's two moments twice that; 6 FLOPs per weight
-    per token plus attention's 12 L N H T (PaLM's count)."""
+    """175B f32 parameters over fsdp 16 x tensor 8: a 128th of the matrices' 698 GB each, plus
+    the position table, norms and width-sized biases, which are split over fsdp only (10 MB
+    more per device, 0.18%); AdamW's two moments twice that; 6 FLOPs per weight per token
+    plus attention's 12 L N H T (PaLM's count)."""
     cfg = ModelConfig.preset("gpt3-175b", vocab_size=50304)
     p = plan_run(RunConfig(model=cfg, mesh=MeshConfig(data=8, fsdp=16, tensor=8)), "h100",
                  batch=1024)
     total = 96 * 96 * 6_291_456 + 96 * 2 * 12_288 * 49_152 + 50_304 * 12_288 + 2048 * 12_288
-    assert abs(p.params_bytes / (4 * total / 128) - 1) < 0.001
+    assert 0 < p.params_bytes / (4 * total / 128) - 1 < 0.002
     assert p.optimizer_bytes == 2 * p.params_bytes
     tokens = 1024 * 2048
     assert p.flops_per_step == pytest.approx(
