@@ -142,7 +142,7 @@ def _run_cfg(**mesh) -> RunConfig:
 
 def test_unknown_hardware_names_the_choices():
     with pytest.raises(ValueError, match=r"--hardware 'b200' is not in the table; choose one of: "
-                                         r"h100, h200, a100, tpu-v4, tpu-v5e, tpu-v5p, cpu"):
+                                         r"h100, h200, a100, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e, cpu"):
         get_hardware("b200")
     assert get_hardware("V5P").name == "tpu-v5p"
     assert all(h.source for h in HARDWARE.values())

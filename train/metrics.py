@@ -7,19 +7,24 @@ import time
 import jax
 import numpy as np
 
+from headwise.parallel.hardware import HARDWARE
+
 from .config import RunConfig
 
-# Dense bf16 peak FLOP/s per chip, for MFU when train.peak_flops is 0.
-_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v5 lite": 197e12, "v5e": 197e12,
-               "v6 lite": 918e12, "v5p": 459e12, "v5": 459e12, "v4": 275e12, "cpu": 1e11}
+# jax's device_kind (lower case) -> the hardware table's entry (headwise.parallel.hardware,
+# each figure with its source), for MFU when train.peak_flops is 0. First match wins.
+_KINDS = {"h100": "h100", "h200": "h200", "a100": "a100", "v5 lite": "tpu-v5e", "v5e": "tpu-v5e",
+          "v6 lite": "tpu-v6e", "v6e": "tpu-v6e", "v5p": "tpu-v5p", "v5": "tpu-v5p",
+          "v4": "tpu-v4"}
 
 
 def peak_flops(cfg: RunConfig) -> float:
-    """Per-device peak FLOP/s: the configured one, else a table lookup by device kind."""
+    """Per-device peak FLOP/s: the configured one, else the hardware table's for the device
+    kind (this machine's measured CPU figure for anything it does not know)."""
     if cfg.train.peak_flops:
         return cfg.train.peak_flops
     kind = jax.devices()[0].device_kind.lower()
-    return next((v for k, v in _PEAK_FLOPS.items() if k in kind), _PEAK_FLOPS["cpu"])
+    return HARDWARE[next((v for k, v in _KINDS.items() if k in kind), "cpu")].peak_flops
 
 
 def unigram_loss(tokens: np.ndarray, vocab_size: int, most: int = 1 << 24) -> float:
