@@ -83,3 +83,24 @@ def test_bf16_matmuls_softmax_and_loss_in_f32():
     assert "bf16" in result_types(hlo, "dot_general"), result_types(hlo, "dot_general")
     for op in ("exponential", "rsqrt", "log"):
         assert result_types(hlo, op) == {"f32"}, (op, result_types(hlo, op))
+
+
+def test_bf16_gradient_matmuls_are_bf16():
+    """Every matmul of the bf16 gradient takes bf16 operands, the unembedding's too: its f32
+    logits must not pull its two backward matmuls (the largest in a GPT-2 step) into f32. The
+    unembedding gradient itself agrees with the f32 one within bf16's rounding. ('fused':
+    XLA's jax.nn.dot_product_attention keeps its own score gradients f32; on a GPU, cuDNN's
+    kernel replaces it.)"""
+    cfg = dataclasses.replace(CFG, dtype="bfloat16", attention="fused")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(markov_tokens()[0])
+    grad = jax.jit(jax.grad(lambda p, t: loss(p, t[:, :-1], t[:, 1:], cfg)))
+    hlo = grad.lower(params, tokens).as_text()
+    operand_types = {line.rsplit(":", 1)[1].split("->")[0] for line in hlo.splitlines()
+                     if "stablehlo.dot_general" in line}
+    assert operand_types and all("f32" not in t for t in operand_types), operand_types
+    g16 = grad(params, tokens)["embed"]["token"]
+    f32 = dataclasses.replace(cfg, dtype="float32")
+    g32 = jax.grad(lambda p, t: loss(p, t[:, :-1], t[:, 1:], f32))(params, tokens)["embed"]["token"]
+    scale = float(jnp.abs(g32).max())
+    assert float(jnp.abs(g16 - g32).max()) < 8 * BF16_UNIT_ROUNDOFF * scale
