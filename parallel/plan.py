@@ -19,7 +19,7 @@ from headwise.model import ModelConfig, ParamSpec, count_params, flops_per_token
 
 from .checks import axis_size, check_batch_divisible, check_mesh_used, check_params_divisible
 from .hardware import Hardware
-from .mesh import AXES
+from .mesh import AXES, DATA, FSDP, TENSOR
 from .rules import as_rules, spec
 
 
@@ -351,13 +351,13 @@ def check_fits(p: Plan) -> str | None:
     head = (f"does not fit: {_size(p.total_bytes)} per device against {name}'s "
             f"{_size(memory)}")
     if state > memory:
-        need = math.ceil(state * p.mesh["fsdp"] * p.mesh["tensor"] / memory)
+        need = math.ceil(state * p.mesh[FSDP] * p.mesh[TENSOR] / memory)
         return (f"{head}; the parameters, gradients and optimizer state alone are "
-                f"{_size(state)}: shard them over fsdp x tensor >= {need} (now "
-                f"{p.mesh['fsdp'] * p.mesh['tensor']})")
-    rows = p.batch // (p.mesh["data"] * p.mesh["fsdp"])
+                f"{_size(state)}: shard them over {FSDP} x {TENSOR} >= {need} (now "
+                f"{p.mesh[FSDP] * p.mesh[TENSOR]})")
+    rows = p.batch // (p.mesh[DATA] * p.mesh[FSDP])
     fit = int((memory - state) // (p.activation_bytes / rows))
-    fixes = [f"--batch {fit * p.mesh['data'] * p.mesh['fsdp']:,} ({fit} rows per device; "
+    fixes = [f"--batch {fit * p.mesh[DATA] * p.mesh[FSDP]:,} ({fit} rows per device; "
              f"train.grad_accum keeps the global batch)" if fit else
              "fewer tokens per row (--context)"]
     if getattr(p.model, "remat", "none") != "full":
