@@ -8,6 +8,7 @@ import time
 
 from .explain_commands import add_predict
 from .translate_command import add_translate, cross_attention_command
+from .faults import RunFault
 
 
 def _params(args) -> None:
@@ -207,6 +208,23 @@ def _show_translations(params, cfg) -> None:
         print(f"{n:>7}: {words}" + ("" if words == number_words(n) else f"  | {number_words(n)}"))
 
 
+def _check_run(args) -> int:
+    """One line per checkpoint (and unfinished save), then the one a resume would start from;
+    exit 1 if any cannot be read."""
+    from .checkpoint import check_run
+    results = check_run(args.run_dir)
+    for name, problem in results:
+        print(f"{name}: {'restores' if problem is None else problem}")
+    readable = [int(name) for name, problem in results if problem is None]
+    if readable:
+        print(f"a resume would start from step {max(readable)}")
+    elif results:
+        print("no checkpoint restores: a resume would stop without changing anything")
+    else:
+        print("no checkpoints yet: a resume would start afresh")
+    return int(any(problem is not None for _, problem in results))
+
+
 def _prompt_text(args) -> str:
     if args.prompt_file is None:
         return args.prompt
@@ -384,13 +402,20 @@ def _add_hf(commands, run) -> None:
     export_hf.set_defaults(run=_export_hf)
 
 
+def _add_check_run(commands, run) -> None:
+    check = commands.add_parser("check-run", help="read every checkpoint of a run back and say "
+                                "which restore (exit 1 if any cannot be read)")
+    check.add_argument("--run-dir", required=True)
+    check.set_defaults(run=_check_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One sub-parser per command; `train` and `shardings` share the run options."""
     parser = argparse.ArgumentParser(prog="headwise", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = _run_options()
     for add in (_add_params, _add_train, _add_shardings, _add_plan, _add_sweep, _add_sample,
-                _add_hf, _add_attention):
+                _add_hf, _add_attention, _add_check_run):
         add(commands, run)
     add_predict(commands)
     add_translate(commands)
@@ -401,14 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _start(args)
-        args.run(args)
+        code = args.run(args) or 0
         sys.stdout.flush()  # here, so a closed pipe is caught below and not at exit
     except (ValueError, FileNotFoundError) as error:
         print(f"headwise {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunFault as error:  # the run started, then had to stop: say why, in one line
+        print(f"headwise {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `headwise params | head` stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+        return 0
+    return code
 
 
 if __name__ == "__main__":

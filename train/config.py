@@ -58,10 +58,12 @@ class TrainConfig:
     seed: int = 0
     peak_flops: float = 0.0  # per device, for MFU; 0 = a guess from the device kind
     sample_tokens: int = 200  # printed at the end of a run
+    max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before the run stops
 
     def __post_init__(self):
         _check_positive("train", self, ("steps", "batch_size", "grad_accum", "eval_every",
-                                        "log_every", "checkpoint_every", "keep_checkpoints"))
+                                        "log_every", "checkpoint_every", "keep_checkpoints",
+                                        "max_bad_steps"))
         _check_positive("train", self, ("eval_steps", "seed", "peak_flops", "sample_tokens"), True)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size={self.batch_size} is not divisible by "
@@ -187,12 +189,25 @@ def find_config(name_or_path: str) -> pathlib.Path:
                             f"{', '.join(map(str, folders))} (known: {known})")
 
 
+def read_toml(path: pathlib.Path) -> dict:
+    """A TOML file's tables; a file that is not UTF-8 or not TOML is a ValueError naming the
+    file and the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x});"
+                         f" save the file as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:  # its message ends "(at line L, column C)"
+        raise ValueError(f"{path} is not valid TOML: {error}; fix that line") from None
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Defaults, then the TOML file (if any), then each `section.key=value` override in order."""
-    raw: dict[str, dict] = {}
-    if name_or_path:
-        with open(find_config(name_or_path), "rb") as f:
-            raw = tomllib.load(f)
+    raw: dict[str, dict] = read_toml(find_config(name_or_path)) if name_or_path else {}
     for section in raw:
         if section not in SECTIONS:
             raise ValueError(f"unknown section [{section}] in {name_or_path}; sections: {', '.join(SECTIONS)}")
@@ -207,5 +222,9 @@ def to_dict(cfg: RunConfig) -> dict:
     return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
 
 
+def config_text(cfg: RunConfig) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
 def write_config(cfg: RunConfig, path: pathlib.Path) -> None:
-    path.write_text(tomli_w.dumps(to_dict(cfg)))
+    path.write_text(config_text(cfg))

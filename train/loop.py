@@ -9,15 +9,17 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from headwise import parallel
 from headwise.model import flops_per_token, param_axes
 from headwise.model.decode import generate_stream_sliding
 
-from . import checkpoint, numbers
-from .config import RunConfig, to_dict, write_config
+from . import checkpoint, integrity, numbers
+from .config import RunConfig, config_text, to_dict
 from .data import Dataset, check_fits, get_batch, load_dataset
+from .faults import NonFiniteSteps, exit_for_lost_peer, writable_folder, write_whole
 from .layout import Layout, StateShardings, resolve_run, shard_state
 from .metrics import MetricsLog, Speedometer, peak_flops, unigram_loss
 from .optim import learning_rate, make_optimizer
@@ -61,6 +63,7 @@ class Outputs:
     speed: Speedometer  # tokens/s and MFU between two log rows
     summary: dict
     profiler: StepProfiler  # a jax.profiler trace of the steps asked for, if any
+    bad: NonFiniteSteps  # steps skipped for a non-finite loss or gradient norm
 
 
 def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None = None,
@@ -69,18 +72,25 @@ def train(cfg: RunConfig, run_dir, *, progress: bool = True, stop_at: int | None
     the data. `stop_at` ends early with a checkpoint, as a pre-empted job would; `devices`
     (default: all) are the ones the mesh is made of; `profile` = (start, stop) traces those
     steps into run_dir/profile."""
-    run_dir = pathlib.Path(run_dir).absolute()
+    run_dir = writable_folder(pathlib.Path(run_dir).absolute(), "--run-dir")
     layout = resolve_run(cfg, devices)  # mesh, rules and every divisibility check
     data = load_data(cfg, run_dir)
     run = Run(cfg, run_dir, layout, data, build_program(cfg, layout),
               show=progress and jax.process_index() == 0)
     announce(run)
-    manager = checkpoint.open_manager(run_dir, keep=cfg.train.keep_checkpoints)
-    state = restore_or_create(cfg.model, run.program.optimizer, cfg.train.seed,
-                              run.program.shardings, manager)
-    out = open_outputs(run, state, manager, StepProfiler(profile, run_dir / "profile"))
-    state = run_steps(run, state, out, stop_at)
-    return finish(run, state, out)
+    with checkpoint.open_manager(run_dir, keep=cfg.train.keep_checkpoints) as manager:
+        state = restore_or_create(cfg.model, run.program.optimizer, cfg.train.seed,
+                                  run.program.shardings, manager, fingerprint=fingerprint(run),
+                                  say=run.say)
+        write_run_files(run)  # after the checkpoint was found to fit: a refusal changes nothing
+        out = open_outputs(run, state, manager, StepProfiler(profile, run_dir / "profile"))
+        try:
+            state = run_steps(run, state, out, stop_at)
+        except jax.errors.JaxRuntimeError as error:
+            if jax.process_count() > 1:  # a peer died: nothing here can finish
+                exit_for_lost_peer(error, jax.process_index())
+            raise
+        return finish(run, state, out)  # closing the manager lets pending saves land
 
 
 def announce(run: Run) -> None:
@@ -92,13 +102,9 @@ def announce(run: Run) -> None:
 
 
 def load_data(cfg: RunConfig, run_dir: pathlib.Path) -> Dataset | numbers.NumbersData:
-    """The dataset (or a generated task), checked against the model; the run folder with its
-    config and tokenizer."""
+    """The dataset (or a generated task), checked against the model."""
     if cfg.data.task == numbers.TASK:
         numbers.check_model(cfg.model)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            write_config(cfg, run_dir / "config.toml")
         return numbers.NumbersData()
     data = load_dataset(cfg.data, vocab_size=cfg.model.vocab_size)
     if data.tokenizer is not None and data.tokenizer.vocab_size > cfg.model.vocab_size:
@@ -106,12 +112,19 @@ def load_data(cfg: RunConfig, run_dir: pathlib.Path) -> Dataset | numbers.Number
                          f"model.vocab_size is {cfg.model.vocab_size}: set "
                          f"--set model.vocab_size={data.tokenizer.vocab_size}")
     check_fits(data, cfg.model.context_length)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        write_config(cfg, run_dir / "config.toml")
-    if data.tokenizer is not None and jax.process_index() == 0:
-        (run_dir / "tokenizer.json").write_text(data.tokenizer.to_json())
     return data
+
+
+def write_run_files(run: Run) -> None:
+    """The run's config.toml and tokenizer.json, each written whole or not at all."""
+    if jax.process_index() == 0:
+        write_whole(run.run_dir / "config.toml", config_text(run.cfg))
+        if run.data.tokenizer is not None:
+            write_whole(run.run_dir / "tokenizer.json", run.data.tokenizer.to_json())
+
+
+def fingerprint(run: Run) -> dict:
+    return integrity.fingerprint(run.cfg.model, run.data.tokenizer)
 
 
 def build_program(cfg: RunConfig, layout: Layout) -> Program:
@@ -136,7 +149,8 @@ def open_outputs(run: Run, state: dict, manager: ocp.CheckpointManager,
                 else unigram_loss(run.data.train, run.data.vocab_size))
     summary = {"unigram_loss": baseline, "start_step": start}
     log = MetricsLog(run.run_dir, start, enabled=jax.process_index() == 0, baseline=baseline)
-    out = Outputs(log, manager, _speedometer(run, start), summary, profiler)
+    out = Outputs(log, manager, _speedometer(run, start), summary, profiler,
+                  NonFiniteSteps(run.cfg.train.max_bad_steps))
     if start == 0:
         summary["initial_eval_loss"] = log_eval(run, state["params"], out, 0)
     return out
@@ -155,7 +169,9 @@ def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
             batch = global_batch(run, run.data.train, step, t.seed)
             state, metrics = run.program.train_step(state, batch)
             out.profiler.end(step, metrics)
-            done, stopping = step + 1, stop.requested  # read once: a stop is always saved
+            done = step + 1
+            stopping = stop.reached(done)  # read once: a stop is always saved
+            out.bad.add(done, metrics["skipped"])  # reads the previous step's flag
             if step == start:  # leave compilation out of tokens/s
                 jax.block_until_ready(metrics)
                 out.speed.restart(done)
@@ -165,8 +181,15 @@ def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
             if done % t.eval_every == 0 or done == t.steps:
                 with out.speed.paused():
                     out.summary["eval_loss"] = log_eval(run, state["params"], out, done)
-            if done % t.checkpoint_every == 0 or done == last or stopping:
-                checkpoint.save(out.manager, done, state, to_dict(run.cfg))
+            due = done % t.checkpoint_every == 0 or done == last or stopping
+            if due:
+                out.bad.settle()  # this step's own flag, read now: the save waits anyway
+            if due and not out.bad.in_a_row:  # a state after a skipped step is not saved
+                checkpoint.save(out.manager, done, state, to_dict(run.cfg),
+                                fingerprint=fingerprint(run))
+            for began in out.bad.take_streaks():
+                run.say(f"step {began}: loss or gradient norm not finite; update skipped")
+            out.bad.check(lambda: checkpoint.latest_step(out.manager))
             if stopping:
                 run.say(f"stopped at step {done}, checkpoint saved: run again with the same "
                         f"--run-dir to resume")
@@ -178,7 +201,8 @@ def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
 
 def log_step(out: Outputs, done: int, metrics: dict) -> dict:
     """The step's metrics and the speed since the last row, as a metrics.jsonl row."""
-    row = {k: float(v) for k, v in jax.device_get(metrics).items()} | out.speed.read(done)
+    row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "skipped"}
+    row |= out.speed.read(done) | {"skipped_steps": out.bad.take_since_row()}
     out.log.write({"step": done, **row})
     return row
 
@@ -187,9 +211,9 @@ def finish(run: Run, state: dict, out: Outputs) -> dict:
     """Evaluate if the loop did not end on an eval, let pending saves land, and sum up."""
     if "eval_loss" not in out.summary:  # stopped early, or the run had already finished
         out.summary["eval_loss"] = evaluate(run, state["params"])
+    out.summary["skipped_steps"] = out.bad.total
     out.log.close()
     out.manager.wait_until_finished()
-    out.manager.close()
     return out.summary | dict(step=int(state["step"]), params=state["params"], data=run.data)
 
 
@@ -237,14 +261,23 @@ def log_eval(run: Run, params, out: Outputs, step: int) -> float:
 
 class StopRequest:
     """Ctrl-C or SIGTERM (a pre-empted job) asks the loop to stop after the current step, save
-    and return, rather than dying mid-step. One process only: in a multi-process run each
-    process would stop at a different step, so there the signals keep their usual meaning."""
+    and return, rather than dying mid-step. In a multi-process run SIGTERM to any process is
+    caught by JAX's preemption notifier, and the processes agree on the step to stop at
+    (`reached_preemption_sync_point`), so they all save the same one; Ctrl-C keeps its usual
+    meaning there."""
 
     def __init__(self):
         self.requested, self.previous = False, {}
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        self.shared = jax.process_count() > 1
+        if not self.shared and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._request)
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after `step`; every process calls it at every step."""
+        if self.shared:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def _request(self, signum, frame):
         if self.requested:  # asked twice: stop now

@@ -1,7 +1,9 @@
 """What a run reports as it goes: metrics.jsonl, loss.png, TensorBoard events, tokens/s and MFU."""
 import contextlib
 import json
+import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -10,6 +12,7 @@ import numpy as np
 from headwise.parallel.hardware import HARDWARE
 
 from .config import RunConfig
+from .faults import finite_or_none, write_whole
 
 # jax's device_kind (lower case) -> the hardware table's entry (headwise.parallel.hardware,
 # each figure with its source), for MFU when train.peak_flops is 0. First match wins.
@@ -46,6 +49,30 @@ def _tensorboard(run_dir: pathlib.Path):
     return SummaryWriter(logdir=str(run_dir / "tensorboard"))
 
 
+def _json_line(row: dict) -> str:
+    """One row of strict JSON (non-finite values as null, so every JSON reader takes it)."""
+    return json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False) + "\n"
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not a JSON row (what a crash in the middle
+    of a write leaves) is dropped with a warning, so the run can go on."""
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError:
+            print(f"headwise: warning: {path} line {number} is not a whole JSON row (a write "
+                  f"cut short by a crash?); dropped it", file=sys.stderr)
+            continue
+        rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """metrics.jsonl (one object per row), loss.png and TensorBoard events, in the run dir. Rows
     past the step a run resumes from (written after its last checkpoint) are dropped, so the log
@@ -57,20 +84,22 @@ class MetricsLog:
         self.baseline = baseline
         self.rows, self.events = [], None
         if enabled:  # other processes neither read nor write it
-            lines = self.path.read_text().splitlines() if self.path.exists() else []
-            self.rows = [r for r in map(json.loads, lines) if r["step"] <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            # A fresh run (start_step 0) starts an empty log: no rows of an earlier try.
+            self.rows = [r for r in read_rows(self.path) if r["step"] <= start_step
+                         ] if start_step else []
+            write_whole(self.path, "".join(_json_line(r) for r in self.rows))
             self.events = _tensorboard(run_dir)
 
     def write(self, row: dict) -> None:
+        row = {name: finite_or_none(value) for name, value in row.items()}
         self.rows.append(row)
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(_json_line(row))
         if self.events is not None:
             for name, value in row.items():
-                if name != "step":
+                if name != "step" and value is not None:
                     self.events.add_scalar(name, value, row["step"])
 
     def close(self) -> None:
@@ -84,8 +113,8 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4))
-        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
+        train = [(r["step"], r["loss"]) for r in self.rows if r.get("loss") is not None]
+        evals = [(r["step"], r["eval_loss"]) for r in self.rows if r.get("eval_loss") is not None]
         for points, label in ((train, "train"), (evals, "validation")):
             if points:
                 ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
@@ -93,8 +122,10 @@ class MetricsLog:
             ax.axhline(self.baseline, color="gray", linestyle="--", label="unigram baseline")
         ax.set(xlabel="step", ylabel="loss (nats/token)", title="headwise training")
         ax.legend()
-        fig.savefig(self.plot, dpi=100, bbox_inches="tight")
+        partial = self.plot.with_name(f".{self.plot.name}.partial.png")
+        fig.savefig(partial, dpi=100, bbox_inches="tight")
         plt.close(fig)
+        os.replace(partial, self.plot)  # a crash mid-draw leaves the previous picture
 
 
 class Speedometer:

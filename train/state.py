@@ -29,9 +29,13 @@ def create_state(cfg: ModelConfig, optimizer, seed: int, shardings: dict, **jit_
     return make(jax.random.key(seed))
 
 
-def restore_or_create(cfg: ModelConfig, optimizer, seed: int, shardings, manager) -> dict:
-    """The newest checkpoint in `manager`, restored straight into `shardings` (a
-    layout.StateShardings; whatever mesh saved it), or a fresh state born sharded."""
-    if checkpoint.latest_step(manager) is not None:
-        return checkpoint.restore(manager, shardings.abstract)[0]
+def restore_or_create(cfg: ModelConfig, optimizer, seed: int, shardings, manager, *,
+                      fingerprint: dict | None = None, say=print) -> dict:
+    """The newest checkpoint in `manager` that reads back whole (older ones if the newest are
+    damaged), restored straight into `shardings` (a layout.StateShardings; whatever mesh saved
+    it), or a fresh state born sharded."""
+    found = checkpoint.restore_newest_readable(manager, shardings.abstract,
+                                               fingerprint=fingerprint, say=say)
+    if found is not None:
+        return found[0]
     return create_state(cfg, optimizer, seed, shardings.state)

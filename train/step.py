@@ -54,14 +54,31 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def keep_if_not(skip: jax.Array, new: dict, old: dict) -> dict:
+    """`old` where `skip`, else `new`, leaf by leaf: a select inside the program, so every
+    device and process takes the same branch from the same replicated flag."""
+    return jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+
+
 def train_step(state: dict, batch: dict, *, cfg: ModelConfig, optimizer, schedule,
                grad_accum: int = 1):
-    """One optimizer update: (new state, metrics)."""
+    """One optimizer update: (new state, metrics). A step whose loss, gradient norm or new
+    params are not finite changes neither params nor optimizer state (metrics["skipped"] is
+    1); the step count still moves on, so the next step reads the next batch, not the same."""
     value, grads = loss_and_grads(state["params"], batch, cfg, grad_accum)
+    grad_norm = global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = dict(state, params=optax.apply_updates(state["params"], updates),
-                     opt_state=opt_state, step=state["step"] + 1)
-    metrics = {"loss": value, "grad_norm": global_norm(grads), "lr": schedule(state["step"])}
+    updated = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    # The new params too: a finite gradient times a huge learning rate can overflow them.
+    skip = ~(jnp.isfinite(value) & jnp.isfinite(grad_norm) & all_finite(updated["params"]))
+    kept = {"params": state["params"], "opt_state": state["opt_state"]}
+    new_state = dict(state, **keep_if_not(skip, updated, kept), step=state["step"] + 1)
+    metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "skipped": skip.astype(jnp.int32)}
     return new_state, metrics
 
 
