@@ -43,7 +43,7 @@ def run(cfg, run_dir, **kwargs) -> dict:
     return train(cfg, run_dir, progress=False, **{"devices": jax.devices()[:1], **kwargs})
 
 
-def cli(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+def cli(*args, timeout=900, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, XLA_FLAGS="")  # one device unless --devices says otherwise
     return subprocess.run([sys.executable, "-m", "headwise.train.cli", *args], env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
