@@ -167,6 +167,91 @@ def test_a_torn_metrics_line_is_dropped_and_the_run_reads_as_one(corpus, straigh
     assert list(losses(broken)) == list(range(1, 11))
 
 
+def start_training(run_dir, corpus, *extra, log=None, hosts=()) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS="")
+    return subprocess.Popen([sys.executable, "-m", "headwise.train.cli", "train", *hosts,
+                             "--run-dir", str(run_dir), "--set", *SETUP, f"data.path={corpus}",
+                             *extra], env=env, stdout=log or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+
+
+def newest_checkpoint(run_dir) -> int:
+    folder = pathlib.Path(run_dir) / "checkpoints"
+    return max([int(p.name) for p in folder.iterdir() if p.name.isdigit()], default=0) \
+        if folder.is_dir() else 0
+
+
+def unfinished_saves(run_dir) -> list[str]:
+    folder = pathlib.Path(run_dir) / "checkpoints"
+    return [p.name for p in folder.iterdir() if "tmp" in p.name] if folder.is_dir() else []
+
+
+def wait_for(condition, proc: subprocess.Popen, seconds: float = 600, every: float = 0.005):
+    """Poll until `condition()` or the process ends; True if the condition came first."""
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(every)
+    raise TimeoutError("the training process neither got there nor ended")
+
+
+def rows_written_since(run_dir, inode: int | None, step: int):
+    """A condition: metrics.jsonl was rewritten by the new process (another inode) and has a
+    row of `step` or later."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+
+    def reached() -> bool:
+        try:
+            if path.stat().st_ino == inode:
+                return False
+            return any(json.loads(line)["step"] >= step
+                       for line in path.read_text().splitlines() if line.endswith("}"))
+        except (FileNotFoundError, ValueError):
+            return False
+    return reached
+
+
+def test_kill_9_at_five_random_moments_loses_nothing(corpus, straight, tmp_path):
+    """SIGKILL five times, at moments drawn from a seeded generator (printed), one of them
+    while an async checkpoint save is in flight; each restart resumes from the newest whole
+    checkpoint. Afterwards: no unfinished save left, metrics.jsonl strict JSON with one row
+    per step, and every step's loss equal to the unbroken run's, bit for bit."""
+    import signal
+    import time
+    rng = np.random.default_rng(2026)
+    run_dir, kills, during_save = tmp_path / "run", [], rng.integers(1, 5)
+    log = (tmp_path / "train.log").open("w")
+    while len(kills) < 5:
+        start = newest_checkpoint(run_dir)
+        path = run_dir / "metrics.jsonl"
+        inode = path.stat().st_ino if path.exists() else None
+        proc = start_training(run_dir, corpus, *STRAIGHT, log=log)
+        if len(kills) == during_save:  # the moment a save's temporary folder shows
+            hit = wait_for(lambda: rows_written_since(run_dir, inode, start + 1)()
+                           and bool(unfinished_saves(run_dir)), proc)
+            moment = "during the save in flight"
+        else:
+            step, delay = min(start + int(rng.integers(1, 4)), 9), float(rng.uniform(0, 0.05))
+            hit = wait_for(rows_written_since(run_dir, inode, step), proc)
+            time.sleep(delay)
+            moment = f"{delay * 1000:.0f} ms after step {step}'s row"
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if hit and alive and ("save" not in moment or unfinished_saves(run_dir)):
+            kills.append(f"resumed from {start}, killed {moment}")
+            print(f"kill {len(kills)}: {kills[-1]}")
+    proc = start_training(run_dir, corpus, *STRAIGHT, log=log)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    assert not unfinished_saves(run_dir), "half-written saves are cleaned"
+    assert losses(run_dir) == losses(straight), kills
+    assert list(losses(run_dir)) == list(range(1, 11))
+
+
 # --- 3. damaged checkpoints -----------------------------------------------------------------
 
 def damage(run_dir: pathlib.Path, outside: pathlib.Path) -> dict[int, str]:
