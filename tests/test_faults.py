@@ -328,6 +328,57 @@ def test_another_model_or_tokenizer_is_refused_another_mesh_is_not(corpus, strai
     assert result["start_step"] == 4 and result["step"] == 5
 
 
+# --- 4, 5. stop requests and dying peers, two processes -----------------------------------
+
+def start_two_processes(run_dir, corpus, logs, *extra) -> list[subprocess.Popen]:
+    """2 processes x 1 CPU device, jax.distributed over gloo on localhost."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    return [start_training(run_dir, corpus, *extra, log=log.open("a"), hosts=[
+        "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
+        "--mesh", "data=2"]) for i, log in enumerate(logs)]
+
+
+def test_two_processes_stop_together_and_outlive_a_dying_peer(corpus, tmp_path):
+    """SIGTERM to process 1 alone: both processes stop after the same step, save it, exit 0.
+    Restarted, kill -9 of process 1: process 0 says so in one line and exits 1 within a
+    minute. Restarted again, both resume from the newest checkpoint and finish; every step
+    they ran twice has the same loss both times, bit for bit."""
+    import signal
+    import time
+    run_dir, logs = tmp_path / "run", [tmp_path / f"process{i}.log" for i in range(2)]
+    # Saves only when asked to stop: a peer that dies while the others wait at a save's
+    # barrier is ended by JAX's coordination service instead (docs/reliability.md).
+    extra = ["train.steps=12", "train.checkpoint_every=100"]
+    shown = lambda: "\n".join(f"--- {l.name}\n{l.read_text()[-2500:]}" for l in logs)
+    procs = start_two_processes(run_dir, corpus, logs, *extra)
+    assert wait_for(rows_written_since(run_dir, None, 2), procs[0]), shown()
+    procs[1].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], shown()
+    stopped = newest_checkpoint(run_dir)
+    assert f"stopped at step {stopped}, checkpoint saved" in logs[0].read_text(), shown()
+    assert max(losses(run_dir)) == stopped < 12
+    inode = (run_dir / "metrics.jsonl").stat().st_ino
+    procs = start_two_processes(run_dir, corpus, logs, *extra)
+    assert wait_for(rows_written_since(run_dir, inode, stopped + 2), procs[0]), shown()
+    procs[1].kill()
+    killed_at = time.monotonic()
+    assert procs[0].wait(timeout=120) == 1, shown()
+    assert time.monotonic() - killed_at < 60
+    assert_one_line_error(logs[0].read_text(), "process 0 lost contact with another process",
+                          "start every process again")
+    before = losses(run_dir)
+    newest = newest_checkpoint(run_dir)
+    procs = start_two_processes(run_dir, corpus, logs, *extra)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], shown()
+    assert f"resumed from step {newest}" in logs[0].read_text().split("lost contact")[-1]
+    after = losses(run_dir)
+    assert list(after) == list(range(1, 13))
+    assert {s: after[s] for s in before} == before
+
+
 # --- 6. storage ---------------------------------------------------------------------------
 
 def test_unusable_run_folder_and_bad_config_files_are_one_line(tmp_path, capsys):
