@@ -35,7 +35,9 @@ def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def _linear(x, w, b=None):
-    y = x @ w
+    """x [..., in] @ w [in, out] as ONE 2-D matmul over all leading positions: with a 3-D x,
+    XLA:CPU's gradient transposes activations in slow loop fusions (issue 13)."""
+    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
     return y if b is None else y + b
 
 
@@ -125,7 +127,7 @@ def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     x = norm(params["final_norm"], x, cfg)
     w_DV = params["embed"]["token"].T if cfg.tie_embeddings else params["unembed"]
     if x.dtype == jnp.float32:
-        return x @ w_DV
+        return _linear(x, w_DV)
     return _logits_f32(x, w_DV.astype(x.dtype))
 
 
