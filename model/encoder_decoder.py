@@ -2,13 +2,12 @@
 (the same `block`) cross-attend to it. Forward pass, loss, and greedy decoding with a KV cache."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .config import ModelConfig
 from .cross_attention import source_keys_values
 from .decode import init_cache
 from .logical import constrain
-from .transformer import _cast, check_tokens, cross_entropy, embed, norm, run_blocks, unembed
+from .transformer import _cast, check_ids, check_tokens, cross_entropy, embed, norm, run_blocks, unembed
 
 
 def check_source(source_BS, cfg: ModelConfig, source_mask_BS=None) -> None:
@@ -30,11 +29,7 @@ def check_source(source_BS, cfg: ModelConfig, source_mask_BS=None) -> None:
     if source_mask_BS is not None and jnp.shape(source_mask_BS) != jnp.shape(source_BS):
         raise ValueError(f"source_mask has shape {jnp.shape(source_mask_BS)} but source has "
                          f"{jnp.shape(source_BS)}: give one True/False per source token")
-    if not isinstance(source_BS, jax.core.Tracer) and np.size(source_BS):
-        lo, hi = int(np.min(source_BS)), int(np.max(source_BS))
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"source holds id {hi if hi >= cfg.vocab_size else lo}, outside "
-                             f"ModelConfig.vocab_size={cfg.vocab_size}")
+    check_ids(source_BS, cfg, "source")
 
 
 def _mask(source_BS, source_mask_BS) -> jax.Array:

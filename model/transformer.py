@@ -211,6 +211,11 @@ def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
     if T > cfg.context_length:
         raise ValueError(f"{name} has {T} positions but ModelConfig.context_length is "
                          f"{cfg.context_length}: crop the sequence or raise context_length")
+    check_ids(tokens, cfg, name)
+
+
+def check_ids(tokens, cfg: ModelConfig, name: str) -> None:
+    """Every id in [0, vocab_size), when the values are known (not under jit)."""
     if not isinstance(tokens, jax.core.Tracer) and np.size(tokens):
         lo, hi = int(np.min(tokens)), int(np.max(tokens))
         if lo < 0 or hi >= cfg.vocab_size:
