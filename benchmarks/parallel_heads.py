@@ -66,7 +66,7 @@ def _one_position(layer, cfg, cache, x_BD, t):
 def positions_in_a_loop(layer, x_BTD, cfg):
     """Token by token through the KV cache, as one compiled `lax.scan` over positions."""
     B, T, _ = x_BTD.shape
-    cache = jax.tree.map(lambda a: a[0], init_cache(cfg, B))
+    cache = dict(init_cache(cfg, B), layer=0)  # the one layer's
     step = lambda cache, xt: _one_position(layer, cfg, cache, *xt)
     _, deltas_TBD = jax.lax.scan(step, cache, (x_BTD.swapaxes(0, 1), jnp.arange(T)))
     return deltas_TBD.swapaxes(0, 1)
@@ -77,7 +77,7 @@ _position_jit = jax.jit(_one_position, static_argnums=1, donate_argnums=2)
 
 def positions_from_python(layer, x_BTD, cfg):
     """Token by token through the KV cache, one call per token from Python."""
-    cache = jax.tree.map(lambda a: a[0], init_cache(cfg, x_BTD.shape[0]))
+    cache = dict(init_cache(cfg, x_BTD.shape[0]), layer=0)
     deltas = []
     for t in range(x_BTD.shape[1]):
         cache, delta_BD = _position_jit(layer, cfg, cache, x_BTD[:, t], t)

@@ -11,8 +11,9 @@ from .logical import constrain
 # Masked scores get the most negative finite value rather than -inf: exp() still makes them
 # exactly 0 next to any allowed key, and a row with no allowed key gives no NaN.
 _MASKED = jnp.finfo(jnp.float32).min
-# A layer's key/value cache, [B, S, N, H]: split like the activations, whole heads per device.
-CACHE_AXES = ("batch", None, "heads", "head_dim")
+# The key/value cache of every layer, [L, B, N, S, H]: split like the activations, whole heads
+# per device. Heads before slots, as the attention dots read them: no transpose per step.
+CACHE_AXES = ("layers", "batch", "heads", None, "head_dim")
 
 
 # --- The two rules every path shares: which keys a query sees, and where a vector points -------
@@ -343,11 +344,21 @@ def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
     return delta + layer["output_bias"] if "output_bias" in layer else delta
 
 
-def write_cache(cache: dict, k_BTNH, v_BTNH, starts_B) -> dict:
-    """The new keys and values into each row's slots starts[b] .. starts[b] + T - 1."""
-    put = lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0))
-    return {name: constrain(jax.vmap(put)(cache[name], new, starts_B), CACHE_AXES)
-            for name, new in (("key", k_BTNH), ("value", v_BTNH))}
+def write_cache(cache: dict, k_BTNH, v_BTNH, positions_BT) -> dict:
+    """Layer cache["layer"]'s new keys and values into each row's slots positions_BT[b], in
+    place in the whole cache (a layer's slice taken out and put back would copy it)."""
+    B, _ = positions_BT.shape
+    rows_B1 = jnp.arange(B)[:, None]
+    put = lambda c, new_BTNH: c.at[cache["layer"], rows_B1, :, positions_BT].set(
+        new_BTNH.astype(c.dtype), indices_are_sorted=True, unique_indices=True)
+    return dict(cache, **{name: constrain(put(cache[name], new), CACHE_AXES)
+                          for name, new in (("key", k_BTNH), ("value", v_BTNH))})
+
+
+def read_cache(cache: dict):
+    """Layer cache["layer"]'s keys and values, as every kernel takes them: [B, S, N, H] (a view
+    of the stored [B, N, S, H], which the dots read as they are)."""
+    return tuple(cache[name][cache["layer"]].swapaxes(1, 2) for name in ("key", "value"))
 
 
 def attention_layer(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
@@ -356,8 +367,9 @@ def attention_layer(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
                     causal: bool = True, inspect: bool = False):
     """One attention layer in the stored layout, on every path: (delta_BTD, cache, seen).
 
-    Self-attention reads x; with a `cache` ({"key", "value"}: [B, S, N, H]) it writes the new
-    keys and values at `positions_BT` (each row's positions consecutive) and reads all S slots,
+    Self-attention reads x; with a `cache` ({"key", "value"}: every layer's [L, B, N, S, H],
+    "layer": this one's index) it writes the new keys and values at `positions_BT` and reads
+    all S slots of its layer,
     the causal rule hiding those past each query. Cross-attention reads `source_BSD`.
     With `inspect`, `seen` holds the patterns [B, N, T, S] and every head's weighted values
     [B, T, N, H] (what value_up turns into its proposed change); else it is None."""
@@ -372,8 +384,8 @@ def attention_layer(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *,
         k_positions = q_positions if source_BSD is None else jnp.arange(S)[:, None]
         q, k = rope(q, q_positions, theta), rope(k, k_positions, theta)
     if cache is not None:
-        cache = write_cache(cache, k, v, positions_BT[:, 0])
-        k, v = cache["key"], cache["value"]
+        cache = write_cache(cache, k, v, positions_BT)
+        k, v = read_cache(cache)
     out_BTNH, patterns = attend(q, k, v, Visible(positions_BT, causal, mask_BTS), cfg, inspect)
     seen = {"patterns": patterns, "head_outputs": out_BTNH} if inspect else None
     return heads_to_residual(layer, out_BTNH), cache, seen

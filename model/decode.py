@@ -13,7 +13,7 @@ from .sampling import sample_token
 from .transformer import embed, run_blocks, unembed
 
 # Layout: prompts are RIGHT-padded, so every row's token t sits at position t and in cache
-# slot t; row b's true length is lengths[b]. The cache is {"key", "value"}: [L, B, C, N, H]
+# slot t; row b's true length is lengths[b]. The cache is {"key", "value"}: [L, B, N, C, H]
 # with C fixed for a whole generation (the context, or for `generate` just what it needs),
 # so the decode step has one shape throughout. Prefill and decode steps run the model's own
 # blocks (`run_blocks`), cache in hand. `generate` runs prefill and every step in ONE
@@ -21,11 +21,11 @@ from .transformer import embed, run_blocks, unembed
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int | None = None) -> dict:
-    """An empty cache: keys and values of every layer, [L, B, length, N, H] (default length:
+    """An empty cache: keys and values of every layer, [L, B, N, length, H] (default length:
     the context)."""
     length = cfg.context_length if length is None else length
-    shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.d_head)
-    return {name: constrain(jnp.zeros(shape, cfg.dtype), ("layers", *CACHE_AXES))
+    shape = (cfg.n_layers, batch, cfg.n_heads, length, cfg.d_head)
+    return {name: constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)
             for name in ("key", "value")}
 
 
@@ -40,8 +40,8 @@ def prefill(params: dict, tokens_BP: jax.Array, lengths_B: jax.Array, cfg: Model
     positions_BP = jnp.broadcast_to(jnp.arange(P), (B, P))
     x_BPD, cache, _ = run_blocks(params, embed(params, tokens_BP, cfg, positions_BP), cfg,
                                  positions_BT=positions_BP, cache=init_cache(cfg, B, P))
-    widen = ((0, 0), (0, 0), (0, cache_length - P), (0, 0), (0, 0))
-    cache = {name: constrain(jnp.pad(c, widen), ("layers", *CACHE_AXES))
+    widen = ((0, 0), (0, 0), (0, 0), (0, cache_length - P), (0, 0))
+    cache = {name: constrain(jnp.pad(c, widen), CACHE_AXES)
              for name, c in cache.items()}
     last_BD = jnp.take_along_axis(x_BPD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return unembed(params, last_BD, cfg), cache

@@ -149,8 +149,8 @@ def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT
                cache=None, inspect: bool = False, causal: bool = True, mask_BTS=None,
                source=None):
     """Every block of params["blocks"] under `lax.scan` (compile time does not grow with
-    depth), each with its layer of the cache ([L, ...] leaves) if there is one: (x_BTD, cache,
-    seen), `seen` being each block's (see `block`) stacked on a leading layers axis, or None.
+    depth), each reading and writing its layer of the cache ([L, ...] leaves) if there is one:
+    (x_BTD, cache, seen), `seen` being each block's (see `block`) stacked on a leading layers axis, or None.
     `source` ({"key", "value"}: [L, B, S, N, H], "mask": [B, S]) gives each block its layer
     of the encoded source to cross-attend to."""
     layer_sources = None if source is None else {k: source[k] for k in ("key", "value")}
@@ -175,18 +175,17 @@ def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT
 
 
 def _run_blocks_cached(step, params, x_BTD, cfg: ModelConfig, cache, layer_sources):
-    """`run_blocks`' scan with the cache carried and each layer's slice written back in place.
-    Taken as the scan's xs and returned as its ys, the whole cache would be copied at every
-    decode step (measured at batch 8, 272 slots: 7.8 ms a step as xs/ys, 5.2 carried)."""
+    """`run_blocks`' scan with the whole cache carried: each block writes its layer's new keys
+    and values into it in place. Taken as the scan's xs and returned as its ys, the whole
+    cache was copied at every decode step; taken out and put back, each layer's slice was
+    (batch 8, 272 slots, quiet machine: 7.8 ms a step as xs/ys, 5.2 put back; under load,
+    13 ms put back against 4-7 in place)."""
 
     def carried(carry, inputs):
         x_BTD, cache = carry
         layer, i, layer_source = inputs
-        layer_cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, False), cache)
-        x_BTD, (layer_cache, seen) = step(x_BTD, (layer, layer_cache, layer_source))
-        cache = jax.tree.map(lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, i, 0),
-                             cache, layer_cache)
-        return (x_BTD, cache), seen
+        x_BTD, (cache, seen) = step(x_BTD, (layer, dict(cache, layer=i), layer_source))
+        return (x_BTD, {name: cache[name] for name in ("key", "value")}), seen
 
     (x_BTD, cache), seen = jax.lax.scan(
         rematerialized(carried, cfg.remat), (x_BTD, cache),

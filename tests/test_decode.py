@@ -222,4 +222,4 @@ def test_sharded_generation_matches_one_device(mesh_axes):
         _, cache = decode._prefill_jit(params, *decode._pad(padded, cfg), cfg=cfg)
     spec = tuple(cache["key"].sharding.spec) + (None,) * 5  # trailing Nones are left out
     assert spec[1] is not None  # batch
-    assert spec[3] == ("tensor" if mesh_axes.get("tensor") else None)  # heads
+    assert spec[2] == ("tensor" if mesh_axes.get("tensor") else None)  # heads
