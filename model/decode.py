@@ -14,7 +14,7 @@ from .transformer import embed, run_blocks, unembed
 
 # Layout: prompts are RIGHT-padded, so every row's token t sits at position t and in cache
 # slot t; row b's true length is lengths[b]. The cache is {"key", "value"}: [L, B, N, C, H]
-# with C fixed for a whole generation (the context, or for `generate` just what it needs),
+# with C fixed for a whole generation (just the slots it can reach; the host loop: the context),
 # so the decode step has one shape throughout. Prefill and decode steps run the model's own
 # blocks (`run_blocks`), cache in hand. `generate` runs prefill and every step in ONE
 # compiled program (`lax.while_loop`); `generate_stream` runs blocks of steps the same way.
@@ -144,17 +144,18 @@ def _generate_jit(params, tokens_BP, lengths_B, key, stop_token, n, *, cfg, cach
     return jnp.concatenate([first_B[:, None], rest_BW], axis=1), state.step
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
-def _start_jit(params, tokens_BP, lengths_B, key, stop_token, *, cfg, sampling):
-    """Streaming's first program: prefill (the whole context's cache) and step 0."""
-    return start(*prefill(params, tokens_BP, lengths_B, cfg), key, stop_token, sampling)
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_length", "sampling"))
+def _start_jit(params, tokens_BP, lengths_B, key, stop_token, *, cfg, cache_length, sampling):
+    """Streaming's first program: prefill and step 0."""
+    return start(*prefill(params, tokens_BP, lengths_B, cfg, cache_length), key, stop_token,
+                 sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "width", "sampling"),
                    donate_argnames=("state",))
 def _steps_jit(params, state, lengths_B, key, stop_token, end, *, cfg, width, sampling):
     """Streaming's next block of at most `width` steps. `end` is traced: one compile serves
-    every generation of this batch size and config."""
+    every generation of this batch size, config and cache length."""
     return decode_steps(_model_step(params, cfg), state, lengths_B, key, stop_token, end,
                         width, sampling)
 
@@ -232,6 +233,11 @@ def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _cache_length(cfg: ModelConfig, tokens_BP, width: int) -> int:
+    """Only the slots a generation of `width` new tokens can reach: every step reads them all."""
+    return min(cfg.context_length, tokens_BP.shape[1] + width)
+
+
 def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, *,
              key: jax.Array | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_token: int | None = None) -> list[list[int]]:
@@ -246,11 +252,9 @@ def generate(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int, *,
         return [[] for _ in prompts]
     tokens_BP, lengths_B = _pad(prompts, cfg)
     width = _bucket(max(max_new_tokens, 2))  # the loop after the first token is never empty
-    # The cache holds only the slots this generation can reach (every step reads all of them).
-    cache_length = min(cfg.context_length, tokens_BP.shape[1] + width)
     tokens_BW, _ = _generate_jit(params, tokens_BP, lengths_B, key, stop, max_new_tokens,
-                                 cfg=cfg, cache_length=cache_length, width=width,
-                                 sampling=sampling)
+                                 cfg=cfg, cache_length=_cache_length(cfg, tokens_BP, width),
+                                 width=width, sampling=sampling)
     return [[t for t in row if t >= 0] for row in np.asarray(tokens_BW).tolist()]
 
 
@@ -273,7 +277,8 @@ def generate_stream(params: dict, cfg: ModelConfig, prompts, max_new_tokens: int
 def _stream(params, cfg, tokens_BP, lengths_B, n, key, stop, sampling, block):
     if n == 0:
         return
-    state = _start_jit(params, tokens_BP, lengths_B, key, stop, cfg=cfg, sampling=sampling)
+    state = _start_jit(params, tokens_BP, lengths_B, key, stop, cfg=cfg, sampling=sampling,
+                       cache_length=_cache_length(cfg, tokens_BP, _bucket(n)))
     yield np.asarray(state.token_B)
     taken = 1
     while taken < n and not bool(state.done_B.all()):

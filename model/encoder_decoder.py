@@ -7,6 +7,7 @@ from .config import ModelConfig
 from .cross_attention import source_keys_values
 from .decode import init_cache
 from .logical import constrain
+from .sampling import greedy
 from .transformer import _cast, check_ids, check_tokens, cross_entropy, embed, norm, run_blocks, unembed
 
 
@@ -113,7 +114,7 @@ def greedy_decode(params: dict, source_BS, cfg: ModelConfig, *, start_token: int
         x_B1D, cache, _ = run_blocks(params, embed(params, token_B[:, None], cfg, positions_B1),
                                      cfg, positions_BT=positions_B1, cache=cache, source=source)
         logits_BV = unembed(params, x_B1D[:, 0], cfg)
-        next_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        next_B = greedy(logits_BV)
         return (next_B, cache), (next_B, logits_BV)
 
     start = (jnp.full((B,), start_token, jnp.int32), init_cache(cfg, B, max_len))

@@ -71,6 +71,17 @@ def test_cached_decoding_matches_forward(path, position):
             seq[len(p):len(p) + 2] for seq, p in zip(seqs, PROMPTS)]
 
 
+def test_greedy_is_argmax_ties_and_nans_included():
+    """`greedy` is jnp.argmax by a faster route: the first of tied maxima, the first NaN."""
+    from headwise.model.sampling import greedy
+    logits = jax.random.normal(jax.random.key(0), (6, 50257))
+    logits = logits.at[1, jnp.array([9, 5])].set(10.0)  # a tie
+    logits = logits.at[2, jnp.array([7, 3])].set(jnp.nan)
+    logits = logits.at[3].set(-jnp.inf).at[4].set(0.0).at[5, -1].set(jnp.inf)
+    assert greedy(logits).tolist() == jnp.argmax(logits, -1).tolist() == [
+        int(jnp.argmax(logits[0])), 5, 3, 0, 0, 50256]
+
+
 def test_top_k_one_and_tiny_top_p_equal_greedy():
     cfg, params = _model()
     greedy = decode.generate(params, cfg, PROMPTS, NEW, temperature=0.0)
