@@ -2,7 +2,9 @@
 GPT-2, imported from transformers: tokens/s of transformers, of headwise's host loop (one
 jitted step per token), its stream (blocks of 16 steps) and its compiled loop (`generate`:
 prefill and every step in one program), at batch 1 and 8, interleaved in one process; and a
-check that headwise and transformers pick the same greedy tokens.
+check that headwise and transformers pick the same greedy tokens. Also timed: the unembedding and
+greedy choice alone, n times in one compiled loop: what a step costs before any block runs, so
+the most any decoder that computes float32 logits can reach on this machine.
 
     python benchmarks/decode.py [--rounds 3] [--new-tokens 200] [--batches 1,8]
     python benchmarks/decode.py --size gpu          # on a GPU: bigger batches, no host loop
@@ -11,15 +13,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch spinning idle threads on a shared machine hurts all
 import argparse
 import dataclasses
+import functools
 import statistics
 import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import machine
 from headwise.model.decode import generate, generate_stream, generate_with_logits
+from headwise.model.sampling import greedy
+from headwise.model.transformer import unembed
 from headwise.train.hf import import_gpt2
 
 # A random GPT-2 (GPT-2's vocabulary and context; 4 layers of 128), as the issue measured it.
@@ -65,6 +71,21 @@ def ours(kind: str):
     return {"compiled": compiled, "stream": stream, "host": host}[kind]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "n"))
+def _unembedding_only(params, x_BD, *, cfg, n):
+    def step(i, tokens_B):
+        # Each step waits for the last one's token, as decoding's steps do.
+        logits_BV = unembed(params, x_BD + tokens_B[:, None] * 1e-9, cfg)
+        return greedy(logits_BV)
+    return jax.lax.fori_loop(0, n, step, jnp.zeros(x_BD.shape[0], jnp.int32))
+
+
+def unembedding_only(params, cfg, prompts_BP, n):
+    """n steps of the final norm, the unembedding and the greedy choice, nothing else."""
+    x_BD = jnp.ones((prompts_BP.shape[0], cfg.d_model), cfg.dtype)
+    return np.asarray(_unembedding_only(params, x_BD, cfg=cfg, n=n))
+
+
 def timed(fn, *args):
     started = time.perf_counter()
     out = fn(*args)
@@ -83,6 +104,7 @@ def bench_batch(model, params, cfg, batch: int, args, kinds) -> dict:
     prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args.prompt_tokens))
     runs = {"transformers": lambda: hf_generate(model, prompts, args.new_tokens)} if model else {}
     runs |= {k: (lambda k=k: ours(k)(params, cfg, prompts, args.new_tokens)) for k in kinds}
+    runs["unembedding_only"] = lambda: unembedding_only(params, cfg, prompts, args.new_tokens)
     outs = {name: run() for name, run in runs.items()}  # compile and warm up
     seconds = {name: [] for name in runs}
     for _ in range(args.rounds):  # interleaved: load drift hits every contender alike
@@ -92,6 +114,8 @@ def bench_batch(model, params, cfg, batch: int, args, kinds) -> dict:
     if model:
         row["compiled_over_transformers"] = statistics.median(
             t / c for t, c in zip(seconds["transformers"], seconds["compiled"]))
+        row["unembedding_only_over_transformers"] = statistics.median(
+            t / u for t, u in zip(seconds["transformers"], seconds["unembedding_only"]))
         row["greedy_tokens"] = agreement(outs["compiled"], outs["transformers"])
     for k in kinds[1:]:
         assert np.array_equal(outs[k], outs["compiled"]), f"{k} and compiled tokens differ"
