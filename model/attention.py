@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .linear import linear
 from .logical import constrain
 
 # Masked scores get the most negative finite value rather than -inf: exp() still makes them
@@ -33,13 +34,17 @@ def causal_mask(T: int, S: int | None = None) -> jax.Array:
 
 def rope(x_TH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding: rotate pairs (i, i + H/2) of each vector by position * freq_i.
-    `positions` broadcasts against `x.shape[:-1]`, so any leading axes work."""
+    `positions` broadcasts against `x.shape[:-1]`, so any leading axes work. The pairs' swap
+    (x1, x2) -> (-x2, x1) is a product with a signed permutation matrix, not slices and a
+    concatenation: their gradient (pads and adds) was a fifth of the CPU gradient (issue 13)."""
     half = x_TH.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions_T[..., None].astype(jnp.float32) * inv_freq
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x_TH[..., :half].astype(jnp.float32), x_TH[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_TH.dtype)
+    cos_TH, sin_TH = (jnp.concatenate([f(angles)] * 2, -1) for f in (jnp.cos, jnp.sin))
+    eye, zero = jnp.eye(half, dtype=jnp.float32), jnp.zeros((half, half), jnp.float32)
+    swap_HH = jnp.block([[zero, eye], [-eye, zero]])
+    x_TH32 = x_TH.astype(jnp.float32)
+    return (x_TH32 * cos_TH + (x_TH32 @ swap_HH) * sin_TH).astype(x_TH.dtype)
 
 
 # --- The explanation's view: one head on one sequence ------------------------------------------
@@ -319,29 +324,23 @@ def attend(q_BTNH, k_BSNH, v_BSNH, visible: Visible, cfg: ModelConfig,
 
 
 def project_qkv(layer: dict, x_BTD: jax.Array, source_BSD: jax.Array | None = None):
-    """q_BTNH, k_BSNH, v_BSNH. Self-attention does ONE [B*T, D] x [D, 3*N*H] matmul. The three
-    matrices are stacked on a new axis, not concatenated along N*H: under tensor parallelism a
-    device's heads stay its own, where a concatenation over the split heads axis made XLA
-    all-gather and all-to-all the weights in every layer (docs/scaling.md)."""
-    names = ("query", "key", "value_down")
-    if source_BSD is None:
-        y = jnp.einsum("BTD,DKNH->BTKNH", x_BTD, jnp.stack([layer[n] for n in names], axis=1))
-        if "query_bias" in layer:
-            y = y + jnp.stack([layer[f"{n}_bias"] for n in names])
-        return y[:, :, 0], y[:, :, 1], y[:, :, 2]
-    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, layer["query"])
-    kv = jnp.einsum("BSD,DKNH->BSKNH", source_BSD, jnp.stack([layer[n] for n in names[1:]], axis=1))
-    if "query_bias" in layer:
-        q = q + layer["query_bias"]
-        kv = kv + jnp.stack([layer[f"{n}_bias"] for n in names[1:]])
-    return q, kv[:, :, 0], kv[:, :, 1]
+    """q_BTNH, k_BSNH, v_BSNH: queries from x, keys and values from `source_BSD` (cross-
+    attention) or x, each by its own [B*T, D] x [D, N*H] matmul (`linear`). Separate matmuls,
+    not one over the matrices stacked: the stack's gradient is a concatenation of activations,
+    and under tensor parallelism a concatenation over the split heads axis made XLA all-gather
+    the weights in every layer (docs/scaling.md)."""
+    source_BSD = x_BTD if source_BSD is None else source_BSD
+    return tuple(linear(x, layer[name], layer.get(f"{name}_bias"))
+                 for x, name in ((x_BTD, "query"), (source_BSD, "key"), (source_BSD, "value_down")))
 
 
 def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
     """Every head's output through its rows of the output matrix (value_up), summed over heads,
-    plus the output bias: the change the layer adds to the residual stream."""
-    delta = jnp.einsum("BTNH,NHD->BTD", out_BTNH, layer["value_up"])
-    return delta + layer["output_bias"] if "output_bias" in layer else delta
+    plus the output bias: the change the layer adds to the residual stream. One [B*T, N*H] x
+    [N*H, D] matmul."""
+    N, H, D = layer["value_up"].shape
+    out_BTK = out_BTNH.reshape(*out_BTNH.shape[:-2], N * H)
+    return linear(out_BTK, layer["value_up"].reshape(N * H, D), layer.get("output_bias"))
 
 
 def write_cache(cache: dict, k_BTNH, v_BTNH, positions_BT) -> dict:

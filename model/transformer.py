@@ -8,6 +8,7 @@ import numpy as np
 from .attention import attention_layer
 from .config import ModelConfig
 from .cross_attention import cross_attention_layer
+from .linear import linear
 from .logical import constrain
 
 _ACTIVATIONS = {
@@ -34,21 +35,14 @@ def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def _linear(x, w, b=None):
-    """x [..., in] @ w [in, out] as ONE 2-D matmul over all leading positions: with a 3-D x,
-    XLA:CPU's gradient transposes activations in slow loop fusions (issue 13)."""
-    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
-    return y if b is None else y + b
-
-
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Up to d_mlp, a nonlinearity (or SwiGLU's gated product), back down to d_model."""
-    h = _linear(x, p["up"], p.get("up_bias"))
+    h = linear(x, p["up"], p.get("up_bias"))
     if cfg.activation == "swiglu":
-        h = jax.nn.silu(_linear(x, p["gate"], p.get("gate_bias"))) * h
+        h = jax.nn.silu(linear(x, p["gate"], p.get("gate_bias"))) * h
     else:
         h = _ACTIVATIONS[cfg.activation](h)
-    return _linear(h, p["down"], p.get("down_bias"))
+    return linear(h, p["down"], p.get("down_bias"))
 
 
 def block(layer: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None, cache=None,
@@ -127,7 +121,7 @@ def unembed(params: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     x = norm(params["final_norm"], x, cfg)
     w_DV = params["embed"]["token"].T if cfg.tie_embeddings else params["unembed"]
     if x.dtype == jnp.float32:
-        return _linear(x, w_DV)
+        return linear(x, w_DV)
     return _logits_f32(x, w_DV.astype(x.dtype))
 
 
