@@ -41,23 +41,32 @@ def emulation() -> str:
     return ", ".join(f"{k}={v}" for k, v in asked.items()) or "none"
 
 
-def _seconds(fn, *args, n: int) -> float:
+def _seconds(fn, *args, n: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call. Under load from other jobs the CPU time is the
+    steadier measure of the work done; the wall time is what a user waits."""
     jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         out = fn(*args)
     jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / n, (time.process_time() - start_cpu) / n
 
 
-def interleaved(fns: dict, rounds: int, n: int) -> dict:
-    """Median seconds per call of each (fn, args), every round running all of them in turn."""
+def interleaved_both(fns: dict, rounds: int, n: int) -> tuple[dict, dict]:
+    """Median (wall, CPU) seconds per call of each (fn, args), every round running all of
+    them in turn."""
     times = {name: [] for name in fns}
     for r in range(rounds):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             fn, args = fns[name]
             times[name].append(_seconds(fn, *args, n=n))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return tuple({name: statistics.median(t[i] for t in ts) for name, ts in times.items()}
+                 for i in (0, 1))
+
+
+def interleaved(fns: dict, rounds: int, n: int) -> dict:
+    """Median wall seconds per call of each (fn, args), as `interleaved_both`."""
+    return interleaved_both(fns, rounds, n)[0]
 
 
 def matmul_peak(rounds: int) -> dict:
@@ -94,12 +103,15 @@ def step_figures(cfg: ModelConfig, batch: int, rounds: int, peak: float) -> dict
            "gradient": (jax.jit(jax.value_and_grad(lambda p, x, y: loss(p, x, y, cfg))),
                         (params, tokens, targets)),
            "train_step": (train_call, (batch_tree,))}
-    once = _seconds(fns["gradient"][0], *fns["gradient"][1], n=1)
-    secs = interleaved(fns, rounds, n=max(2, int(0.5 / once)))  # about half a second a block
+    once = _seconds(fns["gradient"][0], *fns["gradient"][1], n=1)[0]
+    n = max(2, int(0.5 / once))  # about half a second a block
+    secs, cpu = interleaved_both(fns, rounds, n)
     train_flops = flops_per_token(cfg, T) * batch * T
     return {"batch": batch, "context": T,
             "ms": {k: round(1000 * s, 2) for k, s in secs.items()},
+            "cpu_ms": {k: round(1000 * s, 2) for k, s in cpu.items()},
             "gradient_over_forward": round(secs["gradient"] / secs["forward"], 2),
+            "gradient_over_forward_cpu": round(cpu["gradient"] / cpu["forward"], 2),
             "train_step_tokens_per_s": round(batch * T / secs["train_step"]),
             "train_step_gflop_s": round(train_flops / secs["train_step"] / 1e9, 1),
             "fraction_of_matmul_peak": round(train_flops / secs["train_step"] / 1e9 / peak, 3)}

@@ -36,15 +36,15 @@ def rope(x_TH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding: rotate pairs (i, i + H/2) of each vector by position * freq_i.
     `positions` broadcasts against `x.shape[:-1]`, so any leading axes work. The pairs' swap
     (x1, x2) -> (-x2, x1) is a product with a signed permutation matrix, not slices and a
-    concatenation: their gradient (pads and adds) was a fifth of the CPU gradient (issue 13)."""
+    concatenation, whose gradient (pads and adds) made slow loops in the CPU gradient (issue 13)."""
     half = x_TH.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions_T[..., None].astype(jnp.float32) * inv_freq
     cos_TH, sin_TH = (jnp.concatenate([f(angles)] * 2, -1) for f in (jnp.cos, jnp.sin))
     eye, zero = jnp.eye(half, dtype=jnp.float32), jnp.zeros((half, half), jnp.float32)
-    swap_HH = jnp.block([[zero, eye], [-eye, zero]])
-    x_TH32 = x_TH.astype(jnp.float32)
-    return (x_TH32 * cos_TH + (x_TH32 @ swap_HH) * sin_TH).astype(x_TH.dtype)
+    swap_HH = jnp.block([[zero, eye], [-eye, zero]]).astype(x_TH.dtype)
+    swapped_TH = (x_TH @ swap_HH).astype(jnp.float32)  # exact in any dtype: one term a column
+    return (x_TH.astype(jnp.float32) * cos_TH + swapped_TH * sin_TH).astype(x_TH.dtype)
 
 
 # --- The explanation's view: one head on one sequence ------------------------------------------
@@ -325,13 +325,20 @@ def attend(q_BTNH, k_BSNH, v_BSNH, visible: Visible, cfg: ModelConfig,
 
 def project_qkv(layer: dict, x_BTD: jax.Array, source_BSD: jax.Array | None = None):
     """q_BTNH, k_BSNH, v_BSNH: queries from x, keys and values from `source_BSD` (cross-
-    attention) or x, each by its own [B*T, D] x [D, N*H] matmul (`linear`). Separate matmuls,
-    not one over the matrices stacked: the stack's gradient is a concatenation of activations,
-    and under tensor parallelism a concatenation over the split heads axis made XLA all-gather
-    the weights in every layer (docs/scaling.md)."""
-    source_BSD = x_BTD if source_BSD is None else source_BSD
-    return tuple(linear(x, layer[name], layer.get(f"{name}_bias"))
-                 for x, name in ((x_BTD, "query"), (source_BSD, "key"), (source_BSD, "value_down")))
+    attention) or x, by `linear`: self-attention's three matrices in ONE [B*T, D] x [D, 3, N, H]
+    matmul. They are stacked on a new axis, not concatenated along N*H: under tensor
+    parallelism a device's heads stay its own, where a concatenation over the split heads axis
+    made XLA all-gather the weights in every layer (docs/scaling.md); and one matmul, not three,
+    all-reduces the input's gradient once."""
+    def stacked(x, names):
+        bias = (jnp.stack([layer[f"{n}_bias"] for n in names]) if f"{names[0]}_bias" in layer
+                else None)
+        y = linear(x, jnp.stack([layer[n] for n in names], axis=1), bias)
+        return tuple(y[..., i, :, :] for i in range(len(names)))
+
+    if source_BSD is None:
+        return stacked(x_BTD, ("query", "key", "value_down"))
+    return stacked(x_BTD, ("query",)) + stacked(source_BSD, ("key", "value_down"))
 
 
 def heads_to_residual(layer: dict, out_BTNH: jax.Array) -> jax.Array:
