@@ -1,8 +1,19 @@
-"""Eight simulated CPU devices, set before jax is imported anywhere in the test session."""
+"""Eight simulated CPU devices, set before jax is imported anywhere in the test session; and one
+compilation cache for the session."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Tests compile afresh and leave the user's cache folder alone (train/compile_cache.py).
-os.environ.setdefault("HEADWISE_COMPILE_CACHE", "off")
+# Most tests, and the `headwise` processes they start, compile the same few tiny programs: one
+# persistent compilation cache (train/compile_cache.py), in a folder of this session's own,
+# compiles each once. The user's cache folder is left alone and nothing outlives the session.
+if "HEADWISE_COMPILE_CACHE" not in os.environ:
+    _folder = tempfile.mkdtemp(prefix="headwise-tests-jax-compile-")
+    atexit.register(shutil.rmtree, _folder, ignore_errors=True)
+    os.environ["HEADWISE_COMPILE_CACHE"] = _folder
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _folder  # this process's compiles too
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -133,8 +133,9 @@ def test_two_processes_match_one(corpus, one_device, tmp_path):
                 "--num-processes", "2", "--process-id", str(i), "--mesh", "data=2,fsdp=4",
                 "--run-dir", str(tmp_path / "run"), "--set", *SETUP, f"data.path={corpus}"]
         env = dict(os.environ, XLA_FLAGS="")
-        procs.append(subprocess.Popen([sys.executable, "-m", "headwise.train.cli", *args], env=env,
-                                      stdout=log.open("w"), stderr=subprocess.STDOUT))
+        with log.open("w") as out:  # the child keeps its own copy of the file
+            procs.append(subprocess.Popen([sys.executable, "-m", "headwise.train.cli", *args],
+                                          env=env, stdout=out, stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:

@@ -168,12 +168,15 @@ def test_a_torn_metrics_line_is_dropped_and_the_run_reads_as_one(corpus, straigh
     assert list(losses(broken)) == list(range(1, 11))
 
 
-def start_training(run_dir, corpus, *extra, log=None, hosts=()) -> subprocess.Popen:
+def start_training(run_dir, corpus, *extra, log: pathlib.Path | None = None,
+                   hosts=()) -> subprocess.Popen:
+    """`headwise train` in a process of its own (one device), its output appended to `log`."""
     env = dict(os.environ, XLA_FLAGS="")
-    return subprocess.Popen([sys.executable, "-m", "headwise.train.cli", "train", *hosts,
-                             "--run-dir", str(run_dir), "--set", *SETUP, f"data.path={corpus}",
-                             *extra], env=env, stdout=log or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    with open(log or os.devnull, "a") as out:  # the child keeps its own copy of the file
+        return subprocess.Popen([sys.executable, "-m", "headwise.train.cli", "train", *hosts,
+                                 "--run-dir", str(run_dir), "--set", *SETUP,
+                                 f"data.path={corpus}", *extra], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def newest_checkpoint(run_dir) -> int:
@@ -228,7 +231,7 @@ def test_kill_9_at_five_random_moments_loses_nothing(corpus, tmp_path):
     rng = np.random.default_rng(2026)
     run_dir, kills, during_save = tmp_path / "run", [], rng.integers(1, 5)
     steps = ["train.steps=24", "train.checkpoint_every=3", "train.keep_checkpoints=10"]
-    log = (tmp_path / "train.log").open("w")
+    log = tmp_path / "train.log"
     while len(kills) < 5:
         start = newest_checkpoint(run_dir)
         path = run_dir / "metrics.jsonl"
@@ -342,7 +345,7 @@ def start_two_processes(run_dir, corpus, logs, *extra) -> list[subprocess.Popen]
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    return [start_training(run_dir, corpus, *extra, log=log.open("a"), hosts=[
+    return [start_training(run_dir, corpus, *extra, log=log, hosts=[
         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
         "--mesh", "data=2"]) for i, log in enumerate(logs)]
 

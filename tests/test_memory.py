@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from headwise.model import ModelConfig, forward, init_params, loss
+from compile_options import FAST
 from tolerances import gradient_gap, loss_gap
 
 MiB = 2 ** 20
@@ -17,7 +18,8 @@ def gradient_temp_bytes(cfg: ModelConfig, B: int, T: int) -> int:
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
     grad = jax.jit(jax.grad(lambda p, t: loss(p, t, t, cfg)))
-    return grad.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+    compiled = grad.lower(params, tokens).compile(FAST["compiler_options"])
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def one_wide_block(T: int, **overrides) -> ModelConfig:

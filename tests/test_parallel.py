@@ -14,6 +14,7 @@ from headwise.train.layout import Layout, resolve_run, shard_state
 from headwise.train.optim import learning_rate, make_optimizer
 from headwise.train.state import abstract_state, create_state
 from headwise.train.step import loss_and_grads, make_eval_step, make_train_step
+from compile_options import FAST
 from tolerances import adam_first_step_gap, f32_gap, forward_steps, gradient_gap, loss_gap
 
 # Every sharded dimension divides the meshes below; 8 heads so tp=4 leaves 2 per device.
@@ -23,9 +24,6 @@ OPT = OptimConfig(warmup_steps=0)  # a real update on step 0 (warmup would make 
 OPTIMIZER = make_optimizer(OPT, 10, param_axes(CFG))
 SCHEDULE = learning_rate(OPT, 10)
 BATCH = 8
-# Compile fast (these programs are tiny): about half the CPU compile time, same numerics rules.
-FAST = {"compiler_options": {"xla_backend_optimization_level": 0,
-                             "xla_llvm_disable_expensive_passes": True}}
 
 MESHES = {  # name: (mesh config, devices used, strategy)
     "1": (MeshConfig(), 1, "dp"),

@@ -24,6 +24,7 @@ from headwise.train.optim import learning_rate, make_optimizer
 from headwise.train.plan import plan_run
 from headwise.train.state import abstract_state
 from headwise.train.step import make_train_step
+from compile_options import FAST
 
 CFG = ModelConfig(vocab_size=256, context_length=32, d_model=64, n_heads=8, d_head=8, n_layers=2,
                   d_mlp=256)
@@ -33,10 +34,6 @@ CFG2 = ModelConfig(vocab_size=512, context_length=16, d_model=128, n_heads=4, d_
 MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (2, 1, 4), "fsdp+tp": (1, 2, 4),
           "dp+fsdp+tp": (2, 2, 2)}
 BATCH = 8
-# Memory analysis and collectives are the same at XLA's lowest optimization level (checked);
-# it compiles in about half the time.
-FAST = {"compiler_options": {"xla_backend_optimization_level": 0,
-                             "xla_llvm_disable_expensive_passes": True}}
 
 
 @functools.cache

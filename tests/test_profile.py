@@ -72,11 +72,12 @@ def test_no_compile_cache_flag_and_off(tmp_path, monkeypatch):
     import jax
     from headwise.train import compile_cache
     from headwise.train.cli import _use_compile_cache
+    before = jax.config.jax_compilation_cache_dir  # the test session's own, or None
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
     _use_compile_cache(False)
     monkeypatch.setenv(compile_cache.ENV, "off")
     _use_compile_cache(True)
-    assert jax.config.jax_compilation_cache_dir is None
+    assert jax.config.jax_compilation_cache_dir == before
     assert not (tmp_path / "cache").exists()
     monkeypatch.delenv(compile_cache.ENV)
     monkeypatch.setenv("HEADWISE_CACHE", str(tmp_path / "home"))
