@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import machine
 from headwise.model import init_params, param_axes
 from headwise.train.config import load_config
 from headwise.train.data import DataConfig, eval_batches, get_batch, load_dataset
@@ -243,7 +244,10 @@ def main() -> None:
                                args.rounds, args.steps_per_block)
     if args.full:
         result.update(full_run(data.vocab_size, data))
-    result.update(torch=torch.__version__, jax=jax.__version__, cpu_cores=os.cpu_count(),
+    emulation = {k: os.environ[k] for k in ("XLA_FLAGS", "ATEN_CPU_CAPABILITY") if k in os.environ}
+    result.update(machine=machine.describe("torch"), emulation=emulation or "none",
+                  load_after=[round(x, 1) for x in os.getloadavg()],
+                  torch=torch.__version__, jax=jax.__version__, cpu_cores=os.cpu_count(),
                   torch_threads=torch.get_num_threads(),
                   omp_wait_policy=os.environ["OMP_WAIT_POLICY"], device=jax.devices()[0].device_kind,
                   headwise_model={k: getattr(cfg.model, k) for k in ("position", "activation", "attention")},
