@@ -200,3 +200,12 @@ def test_translate_and_input_need_an_encoder_decoder(tmp_path, capsys):
     for argv in (["attention", "--input", "12", "--ascii"], ["translate", "--input", "12"]):
         assert main([*argv, "--run-dir", str(tmp_path)]) == 2
         assert "decoder-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["sample", "--prompt", "one"], ["predict", "--prompt", "one"],
+                                  ["attention", "--prompt", "one", "--ascii"]])
+def test_text_commands_on_a_numbers_run_point_to_translate(straight, argv, capsys):
+    """A numbers run has no text tokenizer: the commands that read text say what to use."""
+    assert main([*argv, "--run-dir", str(straight[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "numbers_to_words run" in err and "headwise translate" in err, err

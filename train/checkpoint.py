@@ -2,6 +2,7 @@
 import functools
 import json
 import pathlib
+import tomllib
 
 import jax
 import orbax.checkpoint as ocp
@@ -9,7 +10,7 @@ from jax.experimental import multihost_utils
 
 from headwise.model import ModelConfig, init_params
 
-from . import integrity as integrity_lib
+from . import integrity as integrity_lib, numbers
 from .faults import RunFault
 from .tokenizers import tokenizer_from_json
 
@@ -315,9 +316,21 @@ def check_run(run_dir) -> list[tuple[str, str | None]]:
     return results
 
 
+def _task(run_dir) -> str | None:
+    """The generated task a run trained on (its config.toml's data.task), if any."""
+    try:
+        return tomllib.loads((pathlib.Path(run_dir) / "config.toml").read_text())["data"]["task"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_tokenizer(run_dir):
     """The tokenizer a run was trained with (its tokenizer.json), to encode prompts and decode."""
     path = pathlib.Path(run_dir) / "tokenizer.json"
+    if not path.is_file() and _task(run_dir) == numbers.TASK:
+        raise ValueError(f"{run_dir} is a {numbers.TASK} run: it reads digits, not text. Use "
+                         f"`headwise translate --run-dir {run_dir} 1234`, or `headwise attention "
+                         f"--run-dir {run_dir} --input 1234` to see its cross-attention")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this run's data had no tokenizer to turn "
                                 f"text into tokens and back")
