@@ -160,14 +160,52 @@ def attend_fused(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
 
 def _flash_causal(q_BTNH, k_BSNH, v_BSNH) -> jax.Array:
     """Causal attention by cuDNN's fused (flash) kernel where it runs: an NVIDIA GPU and 16-bit
-    inputs; else by XLA. JAX's own default (`implementation=None`) is XLA everywhere."""
+    inputs; on the CPU by `_causal_cpu`; else by XLA (JAX's own default everywhere)."""
     if jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True,
                                                 implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):  # a shape cuDNN declines
             pass
+    if jax.default_backend() == "cpu":
+        return _causal_cpu(q_BTNH, k_BSNH, v_BSNH)
     return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, is_causal=True)
+
+
+@jax.custom_vjp
+def _causal_cpu(q_BTNH, k_BSNH, v_BSNH):
+    """What jax.nn.dot_product_attention computes (scores and softmax in f32), with the
+    backward written out below."""
+    return _causal_cpu_fwd(q_BTNH, k_BSNH, v_BSNH)[0]
+
+
+def _causal_cpu_fwd(q_BTNH, k_BSNH, v_BSNH):
+    scale = 1.0 / jnp.sqrt(jnp.float32(q_BTNH.shape[-1]))
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH,
+                        preferred_element_type=jnp.float32) * scale
+    T, S = q_BTNH.shape[1], k_BSNH.shape[1]
+    pattern_BNTS = jax.nn.softmax(jnp.where(causal_mask(T, S), scores, _MASKED), axis=-1)
+    out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", pattern_BNTS.astype(v_BSNH.dtype), v_BSNH)
+    return out_BTNH, (q_BTNH, k_BSNH, v_BSNH, pattern_BNTS, out_BTNH)
+
+
+def _causal_cpu_bwd(saved, dout_BTNH):
+    """The softmax's gradient takes sum_s p_s dp_s as dout . out (over H, as flash attention
+    does), not as a sum over keys: XLA:CPU's reductions over the [B, N, T, S] product were a
+    tenth of the CPU gradient (issue 13)."""
+    q_BTNH, k_BSNH, v_BSNH, p_BNTS, out_BTNH = saved
+    scale = 1.0 / jnp.sqrt(jnp.float32(q_BTNH.shape[-1]))
+    dv_BSNH = jnp.einsum("BNTS,BTNH->BSNH", p_BNTS.astype(dout_BTNH.dtype), dout_BTNH)
+    dp_BNTS = jnp.einsum("BTNH,BSNH->BNTS", dout_BTNH, v_BSNH, preferred_element_type=jnp.float32)
+    delta_BNT = jnp.einsum("BTNH,BTNH->BNT", dout_BTNH.astype(jnp.float32),
+                           out_BTNH.astype(jnp.float32))
+    ds_BNTS = p_BNTS * (dp_BNTS - delta_BNT[..., None]) * scale
+    dq_BTNH = jnp.einsum("BNTS,BSNH->BTNH", ds_BNTS.astype(k_BSNH.dtype), k_BSNH)
+    dk_BSNH = jnp.einsum("BNTS,BTNH->BSNH", ds_BNTS.astype(q_BTNH.dtype), q_BTNH)
+    return dq_BTNH.astype(q_BTNH.dtype), dk_BSNH.astype(k_BSNH.dtype), dv_BSNH
+
+
+_causal_cpu.defvjp(_causal_cpu_fwd, _causal_cpu_bwd)
 
 
 def attend_dot_product(q_BTNH, k_BSNH, v_BSNH, visible: Visible):
