@@ -329,8 +329,9 @@ def load_tokenizer(run_dir):
     path = pathlib.Path(run_dir) / "tokenizer.json"
     if not path.is_file() and _task(run_dir) == numbers.TASK:
         raise ValueError(f"{run_dir} is a {numbers.TASK} run: it reads digits, not text. Use "
-                         f"`headwise translate --run-dir {run_dir} --input 1234`, or `headwise attention "
-                         f"--run-dir {run_dir} --input 1234` to see its cross-attention")
+                         f"`headwise translate --run-dir {run_dir} --input 1234`, or "
+                         f"`headwise attention --run-dir {run_dir} --input 1234` to see its "
+                         f"cross-attention")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this run's data had no tokenizer to turn "
                                 f"text into tokens and back")
