@@ -34,17 +34,35 @@ def causal_mask(T: int, S: int | None = None) -> jax.Array:
 
 def rope(x_TH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding: rotate pairs (i, i + H/2) of each vector by position * freq_i.
-    `positions` broadcasts against `x.shape[:-1]`, so any leading axes work. The pairs' swap
-    (x1, x2) -> (-x2, x1) is a product with a signed permutation matrix, not slices and a
-    concatenation, whose gradient (pads and adds) made slow loops in the CPU gradient (issue 13)."""
+    `positions` broadcasts against `x.shape[:-1]`, so any leading axes work."""
     half = x_TH.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions_T[..., None].astype(jnp.float32) * inv_freq
     cos_TH, sin_TH = (jnp.concatenate([f(angles)] * 2, -1) for f in (jnp.cos, jnp.sin))
-    eye, zero = jnp.eye(half, dtype=jnp.float32), jnp.zeros((half, half), jnp.float32)
-    swap_HH = jnp.block([[zero, eye], [-eye, zero]]).astype(x_TH.dtype)
-    swapped_TH = (x_TH @ swap_HH).astype(jnp.float32)  # exact in any dtype: one term a column
-    return (x_TH.astype(jnp.float32) * cos_TH + swapped_TH * sin_TH).astype(x_TH.dtype)
+    return _rotate(x_TH, cos_TH, sin_TH)
+
+
+@jax.custom_vjp
+def _rotate(x_TH, cos_TH, sin_TH):
+    """x cos + (-x2, x1) sin, in f32. A rotation's gradient is the rotation back (sin negated):
+    one pass, where autodiff of the pairs' swap made pads, adds and transposes, a fifth of an
+    attention layer's CPU gradient (issue 13). Positions are not differentiated."""
+    half = x_TH.shape[-1] // 2
+    x32 = x_TH.astype(jnp.float32)
+    swapped_TH = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
+    return (x32 * cos_TH + swapped_TH * sin_TH).astype(x_TH.dtype)
+
+
+def _rotate_fwd(x_TH, cos_TH, sin_TH):
+    return _rotate(x_TH, cos_TH, sin_TH), (cos_TH, sin_TH)
+
+
+def _rotate_bwd(saved, dy_TH):
+    cos_TH, sin_TH = saved
+    return _rotate(dy_TH, cos_TH, -sin_TH), None, None
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 # --- The explanation's view: one head on one sequence ------------------------------------------

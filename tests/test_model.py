@@ -304,3 +304,21 @@ def test_hand_written_norm_and_gelu_gradients_match_autodiff(center):
     # about 12 roundings (the cubic, tanh, products) on terms up to |dy| (1 + |h| (1 + 3·0.045 h²))
     np.testing.assert_array_less(np.abs(got - want),
                                  f32_gap(12, np.abs(dy) * (1 + np.abs(h) * (1 + 0.14 * h * h))))
+
+
+def test_rope_gradient_is_the_rotation_back():
+    """RoPE's written-out gradient (rotate back) equals autodiff of the plain rotation."""
+    from headwise.model.attention import rope
+    x, dy = (jax.random.normal(k, (3, 10, 2, 8)) for k in jax.random.split(jax.random.key(2)))
+    positions = jnp.arange(10)[:, None]
+
+    def plain(x):
+        angles = positions[..., None] * 100.0 ** (-jnp.arange(4) / 4)
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        x1, x2 = x[..., :4], x[..., 4:]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    np.testing.assert_allclose(rope(x, positions, 100.0), plain(x), rtol=0, atol=f32_gap(4, 2 * np.abs(x).max()))
+    got = jax.vjp(lambda x: rope(x, positions, 100.0), x)[1](dy)[0]
+    want = jax.vjp(plain, x)[1](dy)[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=f32_gap(4, 2 * np.abs(dy).max()))
