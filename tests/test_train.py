@@ -13,7 +13,12 @@ from headwise.train import checkpoint
 from headwise.train.config import OptimConfig, load_config
 from headwise.train.loop import train
 from headwise.train.optim import decay_mask, learning_rate, make_optimizer
-from headwise.train.step import init_state, loss_and_grads, make_train_step
+from headwise import parallel
+from headwise.train.config import MeshConfig
+from headwise.train.layout import Layout, shard_state
+from headwise.train.state import abstract_state
+from headwise.train.step import (CPU_COMPILER_OPTIONS, compiler_options, init_state,
+                                 loss_and_grads, make_eval_step, make_train_step)
 from tolerances import U, adam_first_step_gap, f32_error, gradient_gap, loss_gap
 
 TINY = ["model.preset=tiny", "model.vocab_size=256", "model.context_length=32",
@@ -132,6 +137,32 @@ def test_grad_accumulation_equals_one_batch():
     jax.tree.map(lambda a, b, g, gap, p: np.testing.assert_array_less(
         np.abs(a - b), adam_first_step_gap(g, gap, p, lr) + 1e-30),
         states[0]["params"], states[1]["params"], grads1, grad_gap, params)
+
+
+def test_steps_compile_with_the_cpu_options_on_the_cpu_only():
+    """The train and eval steps reach XLA with train.step's CPU options (the compiled program
+    carries them: a serialized executable holds its compile options), and only on the CPU."""
+    cfg = ModelConfig.preset("tiny", context_length=8)
+    optim = OptimConfig()
+    opt = make_optimizer(optim, 10, param_axes(cfg))
+    state = init_state(init_params(cfg, jax.random.key(0)), opt, jax.random.key(1))
+    tokens = jnp.zeros((2, cfg.context_length), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens}
+    layout = Layout(parallel.make_mesh(MeshConfig(), jax.devices()[:1]),
+                    parallel.get_rules("dp"), "dp")
+    shardings = shard_state(abstract_state(cfg, opt), cfg, layout)
+
+    def options_in(jitted, *args) -> set:
+        serialized = jitted.lower(*args).compile().runtime_executable().serialize()
+        return {name for name in CPU_COMPILER_OPTIONS if name.encode() in serialized}
+
+    schedule, wanted = learning_rate(optim, 10), set(CPU_COMPILER_OPTIONS)
+    assert wanted and jax.default_backend() == "cpu"
+    assert options_in(make_train_step(cfg, opt, schedule), state, batch) == wanted
+    assert options_in(make_eval_step(cfg, shardings), state["params"], batch) == wanted
+    # Asked for other options (tests ask for faster compiles), a step gets those instead.
+    assert not options_in(make_train_step(cfg, opt, schedule, compiler_options={}), state, batch)
+    assert compiler_options("gpu") == compiler_options("tpu") == {}
 
 
 def test_weight_decay_mask_is_exactly_the_matrices():

@@ -10,6 +10,25 @@ from headwise.model import ModelConfig, encoder_decoder_loss, loss
 
 from .layout import StateShardings
 
+# XLA:CPU generates code at LLVM's -O1, not -O2: code generation is most of a CPU compile, and -O2
+# buys these steps nothing measurable (the fusion emitters vectorize their loops themselves, the
+# matmuls are library calls). GPT-2 small's forward+backward compiles in 0.73-0.85x the time
+# (2.2-2.8 s -> 1.8-2.1 s on a 2-core Xeon), the train steps run as fast (docs/benchmarks.md,
+# benchmarks/cpu_step.py --compile). Other platforms compile as before.
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def compiler_options(platform: str) -> dict:
+    """The XLA options the steps are compiled with on `platform` ("cpu", "gpu", "tpu")."""
+    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+
+
+def _platform(shardings: StateShardings | None) -> str:
+    """Where the step will run: the mesh's devices, else JAX's default backend."""
+    if shardings is None:
+        return jax.default_backend()
+    return shardings.mesh.devices.flat[0].platform
+
 
 def init_state(params: dict, optimizer: optax.GradientTransformation, key: jax.Array) -> dict:
     """Everything a run needs to continue exactly: params, optimizer state, step and PRNG key."""
@@ -94,12 +113,14 @@ def make_train_step(cfg: ModelConfig, optimizer, schedule, grad_accum: int = 1,
         # One sharding for every [batch, ...] array of the batch, whatever the task puts in it.
         jit_kwargs.update(in_shardings=(shardings.state, shardings.batch),
                           out_shardings=(shardings.state, shardings.replicated))
+    jit_kwargs.setdefault("compiler_options", compiler_options(_platform(shardings)))
     return jax.jit(step, donate_argnums=0, **jit_kwargs)
 
 
 def make_eval_step(cfg: ModelConfig, shardings: StateShardings, **jit_kwargs):
     """Mean loss of a sharded batch under the state's sharded params."""
     evaluate = lambda params, batch: batch_loss(params, batch, cfg)
+    jit_kwargs.setdefault("compiler_options", compiler_options(_platform(shardings)))
     return jax.jit(parallel.under_rules(evaluate, shardings.mesh, shardings.rules),
                    in_shardings=(shardings.state["params"], shardings.batch),
                    out_shardings=shardings.replicated, **jit_kwargs)
