@@ -1,6 +1,8 @@
-"""The CPU training step taken apart: forward, gradient and whole step at nanoGPT's CPU config and
-at a 6-layer, 384-wide model, as ratios and as achieved FLOP/s over this machine's measured matmul
-peak; and, with --compile, GPT-2 small's forward+backward compile time.
+"""The CPU training step taken apart: forward, gradient and whole step at nanoGPT's CPU config, at
+a 6-layer, 384-wide model and at `headwise train`'s default, as ratios and as achieved FLOP/s over
+this machine's measured matmul peak; and, with --compile, GPT-2 small's forward+backward compile
+time. Steps and compiles with the XLA options train.step compiles with here, and the train step
+and the compile at XLA's defaults beside them, as ratios.
 
     python benchmarks/cpu_step.py [--rounds 5] [--compile]
     XLA_FLAGS=--xla_cpu_max_isa=AVX2 python benchmarks/cpu_step.py    # AVX2 code, emulated
@@ -19,18 +21,19 @@ import jax.numpy as jnp
 
 import machine
 from headwise.model import ModelConfig, flops_per_token, init_params, loss, param_axes
-from headwise.train.config import OptimConfig
+from headwise.train.config import OptimConfig, RunConfig
 from headwise.train.optim import learning_rate, make_optimizer
-from headwise.train.step import init_state, make_train_step
+from headwise.train.step import compiler_options, init_state, make_train_step
 
-# nanoGPT's CPU run (configs/shakespeare_char.toml) and its 6-layer, 384-wide GPU model at a
-# CPU-sized batch.
+# nanoGPT's CPU run (configs/shakespeare_char.toml), its 6-layer, 384-wide GPU model at a
+# CPU-sized batch, and `headwise train`'s default model and batch.
 MODELS = {
     "nanogpt-cpu": (ModelConfig(vocab_size=65, context_length=64, d_model=128, n_heads=4,
                                 d_head=32, n_layers=4, d_mlp=512, bias=False, position="rope",
                                 scan_unroll=4), 12),
     "6x384": (ModelConfig(vocab_size=65, context_length=256, d_model=384, n_heads=6, d_head=64,
                           n_layers=6, d_mlp=1536, bias=False, position="rope"), 4),
+    "default": (RunConfig().model, RunConfig().train.batch_size),
 }
 
 
@@ -82,27 +85,38 @@ def matmul_peak(rounds: int) -> dict:
             "peak_gflop_s": round(max(gflops.values()), 1)}
 
 
+# What train.step compiles with on this machine's platform; {} is XLA's defaults.
+OPTIONS = compiler_options(jax.default_backend())
+
+
 def step_figures(cfg: ModelConfig, batch: int, rounds: int, peak: float) -> dict:
-    """Forward (loss), gradient (value_and_grad) and the whole jitted train step (AdamW, clip)."""
+    """Forward (loss), gradient (value_and_grad) and the whole jitted train step (AdamW, clip),
+    compiled as train.step compiles them; and the train step at XLA's default options."""
     params = init_params(cfg, jax.random.key(0))
     T = cfg.context_length
     tokens = jax.random.randint(jax.random.key(1), (batch, T), 0, cfg.vocab_size)
     targets = jnp.roll(tokens, -1, axis=1)
     optim = OptimConfig()
     optimizer = make_optimizer(optim, 1000, param_axes(cfg))
-    step = make_train_step(cfg, optimizer, learning_rate(optim, 1000))
-    state = init_state(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(2))  # donated
     batch_tree = {"inputs": tokens, "targets": targets}
 
-    def train_call(batch_tree):  # the state is donated: carry it along
-        nonlocal state
-        state, metrics = step(state, batch_tree)
-        return metrics
+    def train_call(options: dict):
+        step = make_train_step(cfg, optimizer, learning_rate(optim, 1000), compiler_options=options)
+        state = init_state(jax.tree.map(jnp.copy, params), optimizer, jax.random.key(2))
 
-    fns = {"forward": (jax.jit(lambda p, x, y: loss(p, x, y, cfg)), (params, tokens, targets)),
-           "gradient": (jax.jit(jax.value_and_grad(lambda p, x, y: loss(p, x, y, cfg))),
-                        (params, tokens, targets)),
-           "train_step": (train_call, (batch_tree,))}
+        def call(batch_tree):  # the state is donated: carry it along
+            nonlocal state
+            state, metrics = step(state, batch_tree)
+            return metrics
+        return call
+
+    fns = {"forward": (jax.jit(lambda p, x, y: loss(p, x, y, cfg), compiler_options=OPTIONS),
+                       (params, tokens, targets)),
+           "gradient": (jax.jit(jax.value_and_grad(lambda p, x, y: loss(p, x, y, cfg)),
+                                compiler_options=OPTIONS), (params, tokens, targets)),
+           "train_step": (train_call(OPTIONS), (batch_tree,))}
+    if OPTIONS:
+        fns["train_step_xla_defaults"] = (train_call({}), (batch_tree,))
     once = _seconds(fns["gradient"][0], *fns["gradient"][1], n=1)[0]
     n = max(2, int(0.5 / once))  # about half a second a block
     secs, cpu = interleaved_both(fns, rounds, n)
@@ -114,22 +128,44 @@ def step_figures(cfg: ModelConfig, batch: int, rounds: int, peak: float) -> dict
             "gradient_over_forward_cpu": round(cpu["gradient"] / cpu["forward"], 2),
             "train_step_tokens_per_s": round(batch * T / secs["train_step"]),
             "train_step_gflop_s": round(train_flops / secs["train_step"] / 1e9, 1),
-            "fraction_of_matmul_peak": round(train_flops / secs["train_step"] / 1e9 / peak, 3)}
+            "fraction_of_matmul_peak": round(train_flops / secs["train_step"] / 1e9 / peak, 3),
+            **({"train_step_over_xla_defaults": round(secs["train_step"]
+                                                      / secs["train_step_xla_defaults"], 3),
+                "train_step_over_xla_defaults_cpu": round(cpu["train_step"]
+                                                          / cpu["train_step_xla_defaults"], 3)}
+               if OPTIONS else {})}
 
 
-def compile_seconds(preset: str = "gpt2-small", batch: int = 8) -> dict:
-    """Cold compile of the model's forward+backward (value_and_grad of the loss), from shapes."""
-    cfg = ModelConfig.preset(preset)
+def _compile_once(cfg: ModelConfig, batch: int, options: dict) -> tuple[float, float, float]:
+    """(trace+lower s, compile s, compile CPU s) of the model's forward+backward (value_and_grad
+    of the loss) from shapes, cold: JAX's in-memory caches emptied first."""
+    jax.clear_caches()
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((batch, cfg.context_length), jnp.int32)
-    grad = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, x, cfg)))
+    grad = jax.jit(jax.value_and_grad(lambda p, x: loss(p, x, x, cfg)), compiler_options=options)
     start = time.perf_counter()
     lowered = grad.lower(shapes, tokens)
     lowered_at, lowered_cpu = time.perf_counter(), time.process_time()
     lowered.compile()
-    return {"model": preset, "trace_lower_s": round(lowered_at - start, 2),
-            "compile_s": round(time.perf_counter() - lowered_at, 2),
-            "compile_cpu_s": round(time.process_time() - lowered_cpu, 2)}
+    return (lowered_at - start, time.perf_counter() - lowered_at,
+            time.process_time() - lowered_cpu)
+
+
+def compile_seconds(rounds: int, preset: str = "gpt2-small", batch: int = 8) -> dict:
+    """Medians over rounds of the cold compile with train.step's options and with XLA's
+    defaults, the two alternating; the ratio is with ÷ without."""
+    cfg = ModelConfig.preset(preset)
+    runs = {"options": [], "xla_defaults": []}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            runs[name].append(_compile_once(cfg, batch, OPTIONS if name == "options" else {}))
+    med = {name: [statistics.median(t[i] for t in ts) for i in range(3)]
+           for name, ts in runs.items()}
+    return {"model": preset, "options": OPTIONS, "rounds": rounds,
+            **{f"{name}_{k}": round(m[i], 2) for name, m in med.items()
+               for i, k in enumerate(("trace_lower_s", "compile_s", "compile_cpu_s"))},
+            "compile_ratio": round(med["options"][1] / med["xla_defaults"][1], 2),
+            "compile_cpu_ratio": round(med["options"][2] / med["xla_defaults"][2], 2)}
 
 
 def main() -> None:
@@ -142,11 +178,11 @@ def main() -> None:
     print(f"# {machine.describe('numpy')}; emulation: {emulation()}")
     result = {"matmul": matmul_peak(args.rounds)}
     peak = result["matmul"]["peak_gflop_s"]
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # --models "": compile time only
         cfg, batch = MODELS[name]
         result[name] = step_figures(cfg, batch, args.rounds, peak)
     if args.compile:
-        result["compile"] = compile_seconds()
+        result["compile"] = compile_seconds(args.rounds)
     result["load_after"] = [round(x, 1) for x in os.getloadavg()]
     print(json.dumps(result, indent=1))
 
