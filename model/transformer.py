@@ -204,7 +204,8 @@ def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
 def check_ids(tokens, cfg: ModelConfig, name: str) -> None:
     """Every id in [0, vocab_size), when the values are known (not under jit)."""
     if not isinstance(tokens, jax.core.Tracer) and np.size(tokens):
-        lo, hi = int(np.min(tokens)), int(np.max(tokens))
+        ids = np.asarray(tokens)  # on the host: a jax array closed over under jit is concrete too
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"{name} holds id {hi if hi >= cfg.vocab_size else lo}, outside "
                              f"ModelConfig.vocab_size={cfg.vocab_size}: ids must be in "

@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from headwise import parallel
 from headwise.model import ModelConfig, forward, init_params, param_axes
 from headwise.train import checkpoint
-from headwise.train.config import OptimConfig, load_config
+from headwise.train.config import MeshConfig, OptimConfig, load_config
 from headwise.train.loop import train
 from headwise.train.optim import decay_mask, learning_rate, make_optimizer
-from headwise import parallel
-from headwise.train.config import MeshConfig
 from headwise.train.layout import Layout, shard_state
 from headwise.train.state import abstract_state
 from headwise.train.step import (CPU_COMPILER_OPTIONS, compiler_options, init_state,

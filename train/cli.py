@@ -286,7 +286,8 @@ def _export_hf(args) -> None:
 
 def _start(args) -> None:
     """Devices and processes, before anything touches a device."""
-    from headwise.parallel.launch import simulate_cpu_devices, start_distributed
+    from headwise.parallel.launch import keep_freed_memory, simulate_cpu_devices, start_distributed
+    keep_freed_memory()
     if getattr(args, "devices", None) is not None:
         simulate_cpu_devices(args.devices)
     if hasattr(args, "coordinator"):
