@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 import machine
 from headwise.model import ModelConfig, flops_per_token, init_params, loss, param_axes
+from headwise.parallel.launch import keep_freed_memory
 from headwise.train.config import OptimConfig, RunConfig
 from headwise.train.optim import learning_rate, make_optimizer
 from headwise.train.step import compiler_options, init_state, make_train_step
@@ -175,7 +176,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--compile", action="store_true", help="also time GPT-2 small's compile")
     args = parser.parse_args()
-    print(f"# {machine.describe('numpy')}; emulation: {emulation()}")
+    kept = keep_freed_memory()  # as `headwise train` starts
+    print(f"# {machine.describe('numpy')}; emulation: {emulation()}; freed memory kept: {kept}")
     result = {"matmul": matmul_peak(args.rounds)}
     peak = result["matmul"]["peak_gflop_s"]
     for name in filter(None, args.models.split(",")):  # --models "": compile time only

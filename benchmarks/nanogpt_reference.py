@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 import machine
 from headwise.model import init_params, param_axes
+from headwise.parallel.launch import keep_freed_memory
 from headwise.train.config import load_config
 from headwise.train.data import DataConfig, eval_batches, get_batch, load_dataset
 from headwise.train.optim import learning_rate, make_optimizer
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--set", nargs="*", default=[], help="headwise config overrides, e.g. model.position=learned")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as `headwise train` starts (torch, in this process, gets it too)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     data = load_dataset(DataConfig(path=args.data, tokenizer="char"))
@@ -248,7 +250,7 @@ def main() -> None:
     result.update(machine=machine.describe("torch"), emulation=emulation or "none",
                   load_after=[round(x, 1) for x in os.getloadavg()],
                   torch=torch.__version__, jax=jax.__version__, cpu_cores=os.cpu_count(),
-                  torch_threads=torch.get_num_threads(),
+                  torch_threads=torch.get_num_threads(), keep_freed_memory=kept,
                   omp_wait_policy=os.environ["OMP_WAIT_POLICY"], device=jax.devices()[0].device_kind,
                   headwise_model={k: getattr(cfg.model, k) for k in ("position", "activation", "attention")},
                   torch_params=sum(p.numel() for p in model.parameters()))

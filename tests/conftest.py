@@ -5,8 +5,13 @@ import os
 import shutil
 import tempfile
 
+# XLA:CPU aborts a process whose in-process all-reduce waits 40 s for a device's thread: once,
+# under the suite's load, test_restore_onto_another_mesh's 8 devices did (2026-11-27, not
+# reproduced alone). Five minutes gives a starved device time to arrive.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=300"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=60").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Most tests, and the `headwise` processes they start, compile the same few tiny programs: one
 # persistent compilation cache (train/compile_cache.py), in a folder of this session's own,
