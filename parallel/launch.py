@@ -25,10 +25,21 @@ def keep_freed_memory() -> bool:
                ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
 
 
+# XLA:CPU's simulated devices are threads of one process. A collective aborts the process when
+# one of them has not joined it within 40 s ("Termination timeout for all reduce"), and a loaded
+# machine with fewer cores than devices can starve a thread that long (seen in the test suite and
+# with --devices 2 on 2 busy cores). XLA reads XLA_FLAGS when its CPU client starts.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+
+
 def simulate_cpu_devices(n: int) -> None:
-    """N CPU devices in this process, so any mesh can be tried on a laptop."""
+    """N CPU devices in this process, so any mesh can be tried on a laptop; their collectives
+    wait 300 s for a late device, unless XLA_FLAGS already says how long."""
     if n < 1:
         raise ValueError(f"--devices must be at least 1, got {n}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if COLLECTIVE_TIMEOUT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}=300".strip()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", n)
 

@@ -197,20 +197,25 @@ def test_decode_step_compiles_once_and_sliding_goes_past_the_context():
         traces.append(1)  # a Python side effect: runs only while tracing
         return real(*args, **kwargs)
 
-    compiled_before = decode._steps_jit._cache_size()
+    compiled_before = decode._steps_jit._cache_size(), decode._start_jit._cache_size()
     decode.decode_step = counting
-    try:  # a batch of one is a new shape: one trace of the block loop for 20 tokens over
-        # two prefills
-        new = list(decode.generate_stream_sliding(params, cfg, prompt, 20, temperature=0.0))
+    try:  # a batch of one is a new shape: one trace of the block loop, one compiled prefill,
+        # for 25 tokens over three rounds of 12, 9 and 4 (each its own cache length before)
+        new = list(decode.generate_stream_sliding(params, cfg, prompt, 25, temperature=0.0))
     finally:
         decode.decode_step = real
-    assert len(new) == 20
-    assert len(traces) == 1 and decode._steps_jit._cache_size() == compiled_before + 1
+    assert len(new) == 25
+    assert len(traces) == 1
+    assert (decode._steps_jit._cache_size(), decode._start_jit._cache_size()) == tuple(
+        n + 1 for n in compiled_before)
     first = 16 + 1 - len(prompt)  # the cache is full after these; then prefill the newest 8
     # Batches of 3 identical rows reuse the compiled shapes of the tests above.
     assert new[:first] == decode.generate(params, cfg, [prompt] * 3, first, temperature=0.0)[0]
     window = (prompt + new[:first])[-8:]
-    assert new[first:] == decode.generate(params, cfg, [window] * 3, 20 - first, temperature=0.0)[0]
+    assert new[first:first + 9] == decode.generate(params, cfg, [window] * 3, 9,
+                                                   temperature=0.0)[0]
+    window = (prompt + new[:first + 9])[-8:]
+    assert new[first + 9:] == decode.generate(params, cfg, [window] * 3, 4, temperature=0.0)[0]
 
 
 @pytest.mark.parametrize("mesh_axes", [dict(data=2, tensor=4), dict(fsdp=8)])

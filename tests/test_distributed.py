@@ -87,6 +87,29 @@ def test_cli_on_simulated_devices(corpus, one_device, tmp_path):
     _assert_trains_like(_losses(tmp_path), one_device)
 
 
+_SIMULATED = """
+import os, jax, jax.numpy as jnp
+from headwise.parallel.launch import simulate_cpu_devices
+simulate_cpu_devices(2)
+total = jax.pmap(lambda x: jax.lax.psum(x, "d"), axis_name="d")(jnp.arange(2.0))
+print(len(jax.devices()), total.tolist(), os.environ["XLA_FLAGS"], sep="|")
+"""
+
+
+@pytest.mark.parametrize("asked", ["", "--xla_cpu_collective_call_terminate_timeout_seconds=77"])
+def test_simulated_devices_wait_longer_for_a_late_one(asked):
+    """`--devices N` gives XLA:CPU's collectives 300 s, not 40, to wait for a starved device
+    thread (a flag XLA accepts: it aborts on an unknown one), unless the user chose a time."""
+    env = dict(os.environ, XLA_FLAGS=asked)
+    out = subprocess.run([sys.executable, "-c", _SIMULATED], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    devices, total, flags = out.stdout.strip().split("|")
+    assert devices == "2" and total == "[1.0, 1.0]"
+    assert flags.split() == ([asked] if asked else
+                             ["--xla_cpu_collective_call_terminate_timeout_seconds=300"])
+
+
 def test_restore_onto_another_mesh(corpus, one_device, tmp_path):
     fsdp8 = _config(corpus, "fsdp=8")
     train(fsdp8, tmp_path, progress=False, stop_at=2)

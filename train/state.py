@@ -7,7 +7,7 @@ import optax
 from headwise.model import ModelConfig, init_params
 
 from . import checkpoint
-from .step import init_state
+from .step import compiler_options, init_state
 
 
 def _fresh_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array) -> dict:
@@ -22,11 +22,19 @@ def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation) ->
     return jax.eval_shape(functools.partial(_fresh_state, cfg, optimizer), jax.random.key(0))
 
 
-def create_state(cfg: ModelConfig, optimizer, seed: int, shardings: dict, **jit_kwargs) -> dict:
-    """A fresh state born sharded as `shardings` says: no device ever holds the whole tree."""
-    make = jax.jit(functools.partial(_fresh_state, cfg, optimizer), out_shardings=shardings,
+def state_initializer(cfg: ModelConfig, optimizer, shardings: dict, **jit_kwargs):
+    """`key -> fresh state`, jitted to be born sharded as `shardings` says (no device ever
+    holds the whole tree) and compiled as the steps are: on the CPU at -O1, where the default
+    model's initializers compiled in 1.6-2.4 s instead of 5.4-5.8."""
+    platform = next(iter(jax.tree.leaves(shardings)[0].device_set)).platform
+    jit_kwargs.setdefault("compiler_options", compiler_options(platform))
+    return jax.jit(functools.partial(_fresh_state, cfg, optimizer), out_shardings=shardings,
                    **jit_kwargs)
-    return make(jax.random.key(seed))
+
+
+def create_state(cfg: ModelConfig, optimizer, seed: int, shardings: dict, **jit_kwargs) -> dict:
+    """A fresh state, sharded, from the run's seed."""
+    return state_initializer(cfg, optimizer, shardings, **jit_kwargs)(jax.random.key(seed))
 
 
 def restore_or_create(cfg: ModelConfig, optimizer, seed: int, shardings, manager, *,
