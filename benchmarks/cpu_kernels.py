@@ -152,6 +152,11 @@ def main() -> None:
               f"| {1e3 * t_s:.3f} ({gflop / t_s:.0f}) | {x_s / t_s:.2f} |")
     print(f"all matmuls of one gradient, alone: XLA {1e3 * xla_sum:.1f} ms, torch {1e3 * torch_sum:.1f} ms "
           f"({xla_sum / torch_sum:.2f}x)")
+    forward = [(r[6] * r[7], r[6] * r[8]) for r in rows if "grad" not in r[0]]
+    xla_fwd, torch_fwd = (sum(f) for f in zip(*forward))
+    print(f"the forward's matmuls: XLA {1e3 * xla_fwd:.1f} ms, torch {1e3 * torch_fwd:.1f} ms; "
+          f"gradient / forward from matmuls alone: XLA {xla_sum / xla_fwd:.2f}, "
+          f"torch {torch_sum / torch_fwd:.2f}")
     if args.model == "nanogpt-cpu":
         hw, pt = whole_gradients(args.rounds)
         print(f"whole gradient: headwise {1e3 * hw:.1f} ms, PyTorch port {1e3 * pt:.1f} ms "
