@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as nanogpt_reference.py: torch's threads sleep
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as nanogpt_reference.py: torch waits asleep
 
 import jax
 import jax.numpy as jnp
@@ -32,17 +32,18 @@ from headwise.parallel.launch import keep_freed_memory
 from headwise.train.step import compiler_options
 
 EINSUM = {"NN": "bmk,bkn->bmn", "NT": "bmk,bnk->bmn", "TN": "bkm,bkn->bmn"}
+COPIES = 8  # of each matmul in XLA's program
 
 
 def matmuls(cfg, batch: int) -> list[tuple[str, str, int, int, int, int, int]]:
     """(what, kind, batch, M, K, N, count) for every matmul of one forward+backward."""
-    M, D, NH, F, T = batch * cfg.context_length, cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_mlp, cfg.context_length
-    BN, H, L = batch * cfg.n_heads, cfg.d_head, cfg.n_layers
+    T, D, F, H, L = cfg.context_length, cfg.d_model, cfg.d_mlp, cfg.d_head, cfg.n_layers
+    M, NH, BN = batch * T, cfg.n_heads * H, batch * cfg.n_heads
     linears = [("q, k, v", D, NH, 3 * L), ("attention out", NH, D, L), ("mlp up", D, F, L),
                ("mlp down", F, D, L), ("unembedding", D, cfg.vocab_size, 1)]
     rows = []
     for what, K, N, count in linears:
-        rows += [(f"{what}", "NN", 1, M, K, N, count),
+        rows += [(what, "NN", 1, M, K, N, count),
                  (f"{what}: input grad", "NT", 1, M, N, K, count),
                  (f"{what}: weight grad", "TN", 1, K, M, N, count)]
     return rows + [("scores q.k", "NT", BN, T, H, T, L), ("pattern @ v", "NN", BN, T, T, H, L),
@@ -107,10 +108,9 @@ def kernel_table(cfg, batch: int, rounds: int) -> tuple[list, float, float]:
     rows, xla_sum, torch_sum = [], 0.0, 0.0
     for what, kind, b, M, K, N, count in matmuls(cfg, batch):
         a, w = operands(kind, b, M, K, N)
-        n = 8
-        x_s, t_s = interleaved((xla_program(kind, a, w, n),
+        x_s, t_s = interleaved((xla_program(kind, a, w, COPIES),
                                 torch_matmul(kind, torch.tensor(a), torch.tensor(w))),
-                               rounds, (4, 4 * n), (n, 1))
+                               rounds, (4, 4 * COPIES), (COPIES, 1))
         gflop = 2 * b * M * K * N / 1e9
         rows.append((what, kind, f"{b}x" if b > 1 else "", M, K, N, count, x_s, t_s, gflop))
         xla_sum, torch_sum = xla_sum + count * x_s, torch_sum + count * t_s
@@ -122,11 +122,13 @@ def whole_gradients(rounds: int) -> tuple[float, float]:
     cfg, B = MODELS["nanogpt-cpu"]
     params = init_params(cfg, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, cfg.context_length + 1))
-    grad = jax.jit(jax.grad(lambda p, x, y: loss(p, x, y, cfg)), compiler_options=compiler_options("cpu"))
+    grad = jax.jit(jax.grad(lambda p, x, y: loss(p, x, y, cfg)),
+                   compiler_options=compiler_options("cpu"))
     x, y = jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32)
     torch.manual_seed(0)
     model = ref.GPT(cfg.vocab_size)
-    tx, ty = (torch.from_numpy(np.ascontiguousarray(t)).long() for t in (tokens[:, :-1], tokens[:, 1:]))
+    tx, ty = (torch.from_numpy(np.ascontiguousarray(t)).long()
+              for t in (tokens[:, :-1], tokens[:, 1:]))
 
     def torch_grad():
         model.zero_grad(set_to_none=True)
@@ -136,7 +138,8 @@ def whole_gradients(rounds: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", default="nanogpt-cpu", choices=["nanogpt-cpu", "default"])
     args = parser.parse_args()
@@ -148,10 +151,10 @@ def main() -> None:
     print("| matmul | kind | M x K x N | per gradient | XLA ms | torch ms | XLA / torch |")
     print("|---|---|---|---|---|---|---|")
     for what, kind, b, M, K, N, count, x_s, t_s, gflop in rows:
-        print(f"| {what} | {kind} | {b}{M}x{K}x{N} | {count} | {1e3 * x_s:.3f} ({gflop / x_s:.0f} GFLOP/s) "
-              f"| {1e3 * t_s:.3f} ({gflop / t_s:.0f}) | {x_s / t_s:.2f} |")
-    print(f"all matmuls of one gradient, alone: XLA {1e3 * xla_sum:.1f} ms, torch {1e3 * torch_sum:.1f} ms "
-          f"({xla_sum / torch_sum:.2f}x)")
+        print(f"| {what} | {kind} | {b}{M}x{K}x{N} | {count} | {1e3 * x_s:.3f} "
+              f"({gflop / x_s:.0f} GFLOP/s) | {1e3 * t_s:.3f} ({gflop / t_s:.0f}) | {x_s / t_s:.2f} |")
+    print(f"all matmuls of one gradient, alone: XLA {1e3 * xla_sum:.1f} ms, "
+          f"torch {1e3 * torch_sum:.1f} ms ({xla_sum / torch_sum:.2f}x)")
     forward = [(r[6] * r[7], r[6] * r[8]) for r in rows if "grad" not in r[0]]
     xla_fwd, torch_fwd = (sum(f) for f in zip(*forward))
     print(f"the forward's matmuls: XLA {1e3 * xla_fwd:.1f} ms, torch {1e3 * torch_fwd:.1f} ms; "
@@ -162,8 +165,7 @@ def main() -> None:
         print(f"whole gradient: headwise {1e3 * hw:.1f} ms, PyTorch port {1e3 * pt:.1f} ms "
               f"(headwise / torch {hw / pt:.2f}); the rest (whole - matmuls): "
               f"headwise {1e3 * (hw - xla_sum):.1f} ms, torch {1e3 * (pt - torch_sum):.1f} ms")
-    print(f"{machine.describe('torch')}; torch threads {torch.get_num_threads()}; "
-          f"load after {[round(x, 1) for x in os.getloadavg()]}")
+    print(f"{machine.describe('torch')}; torch threads {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":
