@@ -26,10 +26,12 @@ def keep_freed_memory() -> bool:
 
 
 # XLA:CPU's simulated devices are threads of one process. A collective aborts the process when
-# one of them has not joined it within 40 s ("Termination timeout for all reduce"), and a loaded
-# machine with fewer cores than devices can starve a thread that long (seen in the test suite and
-# with --devices 2 on 2 busy cores). XLA reads XLA_FLAGS when its CPU client starts.
-COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+# one of them has not joined it in time (40 s to terminate; the collectives have a wait of
+# their own), and a loaded machine with fewer cores than devices can starve a thread that long
+# (seen in the test suite, and with --devices 2 on 2 busy cores). XLA reads XLA_FLAGS when its
+# CPU client starts.
+COLLECTIVE_TIMEOUT_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds",
+                            "--xla_cpu_collective_timeout_seconds")
 
 
 def simulate_cpu_devices(n: int) -> None:
@@ -38,8 +40,8 @@ def simulate_cpu_devices(n: int) -> None:
     if n < 1:
         raise ValueError(f"--devices must be at least 1, got {n}")
     flags = os.environ.get("XLA_FLAGS", "")
-    if COLLECTIVE_TIMEOUT_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {COLLECTIVE_TIMEOUT_FLAG}=300".strip()
+    flags += "".join(f" {flag}=300" for flag in COLLECTIVE_TIMEOUT_FLAGS if flag not in flags)
+    os.environ["XLA_FLAGS"] = flags.strip()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", n)
 

@@ -106,8 +106,8 @@ def test_simulated_devices_wait_longer_for_a_late_one(asked):
     assert out.returncode == 0, out.stderr[-2000:]
     devices, total, flags = out.stdout.strip().split("|")
     assert devices == "2" and total == "[1.0, 1.0]"
-    assert flags.split() == ([asked] if asked else
-                             ["--xla_cpu_collective_call_terminate_timeout_seconds=300"])
+    assert flags.split() == [asked or "--xla_cpu_collective_call_terminate_timeout_seconds=300",
+                             "--xla_cpu_collective_timeout_seconds=300"]
 
 
 def test_restore_onto_another_mesh(corpus, one_device, tmp_path):
