@@ -88,7 +88,7 @@ def measure(cfg, steps: int, trace_dir: pathlib.Path | None = None) -> dict:
     if trace_dir is not None:
         print(trace_steps(step, state, batch, trace_dir), flush=True)
     return dict(
-        attention=cfg.model.attention, remat=cfg.model.remat,
+        attention=cfg.model.attention, remat=cfg.model.remat, unroll=cfg.model.scan_unroll,
         dtype=cfg.model.dtype, batch=cfg.train.batch_size, context=cfg.model.context_length,
         ms_per_step=1e3 * seconds, tokens_per_s=tokens / seconds,
         mfu=flops / seconds / (peak_flops(cfg) * jax.device_count()),
@@ -99,15 +99,15 @@ def measure(cfg, steps: int, trace_dir: pathlib.Path | None = None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'attention':<12}{'remat':<7}{'tokens/s':>11}{'ms/step':>9}{'MFU':>7}"
+    head = (f"{'attention':<12}{'remat':<7}{'unroll':>6}{'tokens/s':>11}{'ms/step':>9}{'MFU':>7}"
             f"{'temp GiB':>10}{'args GiB':>10}{'peak GiB':>10}{'compile s':>11}{'loss':>8}")
     lines = [head]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['attention']:<12}{r['remat']:<7}  failed: {r['error']}")
+            lines.append(f"{r['attention']:<12}{r['remat']:<7}{r['unroll']:6}  failed: {r['error']}")
             continue
         fmt = lambda v: f"{v:10.2f}" if v is not None else f"{'-':>10}"
-        lines.append(f"{r['attention']:<12}{r['remat']:<7}{r['tokens_per_s']:11,.0f}"
+        lines.append(f"{r['attention']:<12}{r['remat']:<7}{r['unroll']:6}{r['tokens_per_s']:11,.0f}"
                      f"{r['ms_per_step']:9.1f}{r['mfu']:7.1%}{fmt(r['temp_gib'])}"
                      f"{fmt(r['args_gib'])}{fmt(r['peak_gib'])}{r['compile_s']:11.1f}"
                      f"{r['loss']:8.3f}")
@@ -139,7 +139,7 @@ def main() -> None:
         try:
             row = measure(cfg, args.steps, args.trace if i == 0 else None)
         except Exception as error:  # out of memory on one path must not lose the others
-            row = dict(attention=path, remat=remat,
+            row = dict(attention=path, remat=remat, unroll=cfg.model.scan_unroll,
                        error=str(error).splitlines()[0][:160])
         rows.append(row | {"device": device.device_kind, "jax": jax.__version__})
         print(table(rows[-1:]).splitlines()[-1], flush=True)

@@ -42,6 +42,7 @@ class ModelConfig:
     # What the backward pass keeps of each block: "none" everything it needs; "full" only the
     # block's input (the rest recomputed); "dots" the outputs of matmuls without batch
     # dimensions (the projections and the MLP), recomputing attention's einsums and pointwise ops.
+    # Needs a rolled scan (scan_unroll < n_layers): unrolled whole, XLA keeps as much as 'none'.
     remat: str = "none"
     # Encoder blocks (bidirectional self-attention) over a source sequence; 0: decoder only.
     n_encoder_layers: int = 0
@@ -69,6 +70,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.remat != "none" and 1 < self.n_layers <= self.scan_unroll:
+            raise ValueError(
+                f"ModelConfig.remat={self.remat!r} saves no memory when scan_unroll="
+                f"{self.scan_unroll} unrolls all {self.n_layers} blocks (XLA's compiled program "
+                f"then keeps what remat='none' keeps); set scan_unroll below n_layers (e.g. "
+                f"{self.n_layers // 2}) to rematerialize, or remat='none' for the unrolled speed")
         if self.position == "rope" and self.d_head % 2:
             raise ValueError(f"ModelConfig.d_head must be even for position='rope', got {self.d_head}")
 

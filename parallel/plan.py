@@ -361,7 +361,9 @@ def check_fits(p: Plan) -> str | None:
              f"train.grad_accum keeps the global batch)" if fit else
              "fewer tokens per row (--context)"]
     if getattr(p.model, "remat", "none") != "full":
-        fixes.append("--set model.remat=full (keep only each block's input)")
+        rolled = (f" model.scan_unroll={max(1, p.model.n_layers // 2)}"
+                  if getattr(p.model, "scan_unroll", 1) >= p.model.n_layers > 1 else "")
+        fixes.append(f"--set model.remat=full{rolled} (keep only each block's input)")
     return (f"{head}: activations for {rows} rows per device are {_size(p.activation_bytes)}; "
             f"try " + " or ".join(fixes))
 

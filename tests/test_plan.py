@@ -165,7 +165,11 @@ def test_plan_that_does_not_fit_says_what_would():
                      mesh=MeshConfig(data=8, fsdp=16, tensor=8))
     p = plan_run(gpt3, "h100", batch=128)
     assert check_fits(p).startswith("does not fit: ") and "h100's 80 GB: activations for 1 " \
-        "rows per device are" in check_fits(p) and "model.remat=full" in check_fits(p)
+        "rows per device are" in check_fits(p) and "model.remat=full (" in check_fits(p)
+    # Remat needs a rolled scan (ModelConfig refuses it unrolled whole): the fix says so.
+    unrolled = dataclasses.replace(gpt3, model=dataclasses.replace(gpt3.model, scan_unroll=96))
+    assert "model.remat=full model.scan_unroll=48 (" in check_fits(plan_run(unrolled, "h100",
+                                                                            batch=128))
     # The state alone: 16 bytes per parameter (f32 weights, gradients, two AdamW moments) is
     # 2.79 TB, 35 H100s' worth, plus the stacked query/key/value copies the backward keeps.
     small_mesh = dataclasses.replace(gpt3, mesh=MeshConfig(data=8, fsdp=2, tensor=8))

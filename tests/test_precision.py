@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from headwise.model import ModelConfig, init_params, loss, param_axes
+from headwise.model import ModelConfig, cross_entropy, forward, init_params, loss, param_axes
 from headwise.train.config import OptimConfig
 from headwise.train.optim import learning_rate, make_optimizer
 from headwise.train.step import init_state, train_step
@@ -104,3 +104,26 @@ def test_bf16_gradient_matmuls_are_bf16():
     g32 = jax.grad(lambda p, t: loss(p, t[:, :-1], t[:, 1:], f32))(params, tokens)["embed"]["token"]
     scale = float(jnp.abs(g32).max())
     assert float(jnp.abs(g16 - g32).max()) < 8 * BF16_UNIT_ROUNDOFF * scale
+
+
+def test_fused_16bit_loss_equals_logits_then_cross_entropy():
+    """In 16-bit compute the loss runs the unembedding and the cross-entropy as one function
+    over a vocabulary padded to a multiple of 128 (300 -> 384 here). It must equal the
+    unfused path, `cross_entropy(forward(...))`, which the logits' users (sampling, eval of
+    patterns) still take: the loss within f32 rounding, every gradient within bf16's, and a
+    position mask honoured. The padding's columns take no probability."""
+    cfg = dataclasses.replace(CFG, vocab_size=300, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
+    mask = jax.random.bernoulli(jax.random.key(2), 0.6, (B, T))
+    fused = lambda p: loss(p, tokens[:, :-1], tokens[:, 1:], cfg, mask)
+    unfused = lambda p: cross_entropy(forward(p, tokens[:, :-1], cfg), tokens[:, 1:], mask)
+    (value, grads), (value_u, grads_u) = jax.value_and_grad(fused)(params), \
+        jax.value_and_grad(unfused)(params)
+    assert abs(float(value - value_u)) <= 4 * 2.0 ** -24 * float(value), (value, value_u)
+    for g, g_u in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_u)):
+        assert float(jnp.abs(g - g_u).max()) <= 4 * BF16_UNIT_ROUNDOFF * float(jnp.abs(g_u).max())
+    hlo = jax.jit(fused).lower(params).as_text()
+    assert "8x32x384xf32>" in hlo and "8x32x300xf32>" not in hlo  # logits only padded
+    unmasked = float(loss(params, tokens[:, :-1], tokens[:, 1:], cfg))
+    assert abs(unmasked - float(value)) > 1e-4  # the mask changed which positions counted
