@@ -12,7 +12,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from headwise.model import ModelConfig, init_params, param_axes
 from headwise.train.config import OptimConfig

@@ -6,9 +6,9 @@ from .config import PRESETS, ModelConfig
 from .count import count_params, flops_per_token
 from .encoder_decoder import (encode, encoder_decoder_loss, forward_encoder_decoder,
                               greedy_decode)
+from .loss import cross_entropy, loss
 from .params import ParamSpec, init_params, param_axes, param_shapes, param_specs
-from .transformer import (block, cross_entropy, embed, forward, forward_embeddings, loss,
-                          run_blocks, unembed)
+from .transformer import block, embed, forward, forward_embeddings, run_blocks, unembed
 
 __all__ = [
     "ModelConfig", "PRESETS", "ParamSpec", "param_specs", "param_axes", "param_shapes",

@@ -8,7 +8,8 @@ from .cross_attention import source_keys_values
 from .decode import init_cache
 from .logical import constrain
 from .sampling import greedy
-from .transformer import _cast, check_ids, check_tokens, cross_entropy, embed, norm, run_blocks, unembed
+from .loss import cross_entropy
+from .transformer import _cast, check_ids, check_tokens, embed, norm, run_blocks, unembed
 
 
 def check_source(source_BS, cfg: ModelConfig, source_mask_BS=None) -> None:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from headwise.model import (ModelConfig, attention_head, encode, encoder_decoder_loss,
+from headwise.model import (ModelConfig, attention_head, encode,
                             forward_encoder_decoder, greedy_decode, heads_view, init_params)
 from headwise.model.cross_attention import cross_attention_layer, source_keys_values
 from test_reference import NP_ACTIVATIONS, np_norm, np_rope, np_softmax, random_params

@@ -1,5 +1,4 @@
 """run_with_cache against forward and its own sums, on every path and a mesh; the readers; a planted head."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

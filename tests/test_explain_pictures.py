@@ -80,7 +80,6 @@ def test_figure_has_a_panel_per_head_labelled_with_tokens():
 
 
 def test_png_masked_cells_grey_weights_on_the_colour_scale(tmp_path):
-    T = 4
     pattern_TT = np.array([[1.0, 0, 0, 0],
                            [0.25, 0.75, 0, 0],
                            [0.0, 0.5, 0.5, 0],  # an allowed weight of exactly 0

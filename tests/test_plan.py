@@ -4,7 +4,6 @@ plan's one-line errors, and the sweep's bookkeeping."""
 import dataclasses
 import functools
 import json
-import math
 
 import jax
 import jax.numpy as jnp
