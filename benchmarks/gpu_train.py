@@ -8,8 +8,6 @@ not depend on the data, and the machine needs no data set.
         [--trace DIR]
 """
 import argparse
-import collections
-import gzip
 import json
 import pathlib
 import shutil
@@ -24,6 +22,7 @@ from headwise.train.config import load_config
 from headwise.train.layout import resolve_run
 from headwise.train.loop import build_program
 from headwise.train.metrics import peak_flops
+from headwise.train.profile import time_by_op
 from headwise.train.state import create_state
 
 GiB = 2 ** 30
@@ -36,19 +35,6 @@ def random_batch(cfg, program, seed: int) -> dict:
                                 program.shardings.batch)
 
 
-def device_time_by_op(trace_gz: pathlib.Path, steps: int, top: int = 12) -> str:
-    """The trace's device (GPU) ops, summed by name, per step: where a step's time goes."""
-    events = json.load(gzip.open(trace_gz))["traceEvents"]
-    device_pids = {e["pid"] for e in events if e.get("name") == "process_name"
-                   and "/device:" in e["args"]["name"]}
-    total = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e["pid"] in device_pids:
-            total[e["name"]] += e["dur"] / 1e3 / steps
-    lines = [f"  {ms:8.2f} ms  {name[:100]}" for name, ms in total.most_common(top)]
-    return "\n".join([f"device time per step {sum(total.values()):.1f} ms, top ops:", *lines])
-
-
 def trace_steps(step, state, batch, out_dir: pathlib.Path, steps: int = 3) -> str:
     """A jax.profiler trace of `steps` steps: its Perfetto file copied to `out_dir`, and a
     summary of the device ops."""
@@ -59,7 +45,7 @@ def trace_steps(step, state, batch, out_dir: pathlib.Path, steps: int = 3) -> st
         jax.block_until_ready(metrics)
     trace_gz = next(log_dir.glob("plugins/profile/*/perfetto_trace.json.gz"))
     shutil.copy(trace_gz, out_dir / "perfetto_trace.json.gz")
-    summary = device_time_by_op(trace_gz, steps)
+    summary = time_by_op(trace_gz, steps)
     shutil.rmtree(log_dir)  # the copy is all that is kept
     return summary
 

@@ -10,7 +10,7 @@ import pytest
 
 from headwise.train.config import load_config
 from headwise.train.loop import train
-from headwise.train.profile import parse_steps
+from headwise.train.profile import parse_steps, time_by_op
 
 TINY = ["model.preset=tiny", "model.vocab_size=256", "model.context_length=32",
         "train.batch_size=8", "train.eval_steps=1", "train.sample_tokens=0"]
@@ -39,6 +39,56 @@ def test_profile_traces_the_steps_asked_for(corpus, tmp_path):
     first, last = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
     assert any(first <= e["ts"] <= last for e in executions)
     assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))  # for TensorBoard / XProf
+    # Where the time went: the steps' matmuls are found, and the ops (8 simulated devices'
+    # threads sharing the cores) took less than 8 times the steps' wall time.
+    summary = time_by_op(trace)
+    per_step = float(summary.split("op time per step ")[1].split(" ms")[0])
+    wall_ms = sum(e["dur"] for e in steps) / 1e3 / len(steps)
+    assert "2 steps" in summary and _per_kind(summary)["matmuls"] > 0, summary
+    assert 0 < per_step < 8 * wall_ms, (summary, wall_ms)
+
+
+def _trace_file(path, events, processes, threads):
+    """A Perfetto JSON trace as jax.profiler writes it: metadata events naming each process
+    and thread, then complete ("X") events with start and duration in microseconds."""
+    meta = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+            for pid, name in processes.items()]
+    meta += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}
+             for (pid, tid), name in threads.items()]
+    ops = [{"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+           for pid, tid, name, ts, dur in events]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": meta + ops}, f)
+    return path
+
+
+def _per_kind(summary: str) -> dict:
+    return {line.split("%  ")[1]: float(line.split()[0]) for line in summary.splitlines()
+            if "%  " in line}
+
+
+def test_time_by_op_counts_each_op_once(tmp_path):
+    """Hand-made traces, the sums done by hand. A GPU's stream: two kernels that overlap by
+    1 µs (the next launched before the last ends) both count whole; the host's events do
+    not count. A CPU's XLA thread: a while loop counts as the ops inside it, the executor's
+    spans and end markers not at all."""
+    gpu = _trace_file(tmp_path / "gpu.json.gz", [
+        (1, 7, "nvjet_sm90_tst_128x128_NNT", 0, 3000), (1, 7, "cudnn_sdpa_flash_fprop", 2999, 1000),
+        (1, 7, "loop_add_fusion", 4000, 500), (1, 7, "input_transpose_fusion", 4600, 400),
+        (2, 1, "train", 0, 9000), (2, 1, "PjitFunction(step)", 0, 50),
+        (1, 7, "nvjet_sm90_tst_128x128_NNT", 9000, 3000)],
+        {1: "/device:GPU:0", 2: "/host:CPU"}, {(1, 7): "Stream #14(Compute)", (2, 1): "python3"})
+    assert _per_kind(time_by_op(gpu, steps=2)) == {"matmuls": 3.0, "attention": 0.5,
+                                                   "other ops": 0.25, "copies and transposes": 0.2}
+    cpu = _trace_file(tmp_path / "cpu.json.gz", [
+        (2, 5, "ThunkExecutor::Execute", 0, 1000), (2, 5, "while.3", 10, 900),
+        (2, 5, "dot.1", 20, 300), (2, 5, "end: dot.1", 319, 1), (2, 5, "fusion.2", 400, 100),
+        (2, 6, "Rendezvous", 300, 600), (2, 6, "Wait: pending_threads=1/8", 300, 600),
+        (2, 6, "dot.4", 0, 200), (2, 1, "dot.9", 0, 5000), (2, 1, "train", 0, 1200)],
+        {2: "/host:CPU"}, {(2, 5): "tf_XLAEigen/1", (2, 6): "tf_XLAEigen/2", (2, 1): "python3"})
+    summary = time_by_op(cpu)
+    assert _per_kind(summary) == {"matmuls": 0.5, "other ops": 0.1}, summary
+    assert summary.startswith("op time per step 0.6 ms (3 ops, 1 steps)"), summary
 
 
 @pytest.mark.parametrize("text", ["5", "5:5", "a:b", "-1:3", "7:2"])

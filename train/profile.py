@@ -1,5 +1,10 @@
-"""A jax.profiler trace of chosen training steps, written into the run folder."""
+"""A jax.profiler trace of chosen training steps, written into the run folder, and where its
+time went."""
+import collections
+import gzip
+import json
 import pathlib
+import re
 
 import jax
 
@@ -48,3 +53,69 @@ class StepProfiler:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
+
+
+# What an op is, from the words in its name (XLA's HLO names on CPU, kernel names on a GPU);
+# the first kind that matches wins, so cuDNN's attention kernels are not counted as matmuls.
+OP_KINDS = (("attention", ("cudnn", "sdpa", "flash", "attention")),
+            ("collectives", ("all-reduce", "all_reduce", "all-gather", "all_gather", "nccl",
+                             "reduce-scatter", "reduce_scatter", "all-to-all", "collective")),
+            ("matmuls", ("gemm", "nvjet", "cublas", "cutlass", "xmma", "dot", "matmul", "convolution")),
+            ("copies and transposes", ("memcpy", "memset", "copy", "transpose")))
+
+
+def op_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, words in OP_KINDS if any(w in lower for w in words)), "other ops")
+
+
+def op_events(events: list) -> list[tuple[str, float]]:
+    """(name, µs) of every op the program ran: the events on a GPU's or TPU's streams, or on
+    CPU (no device streams) those on XLA's own threads named as HLO names its instructions.
+    Only leaves count: an op that holds others on its thread (a while loop) is the
+    sum of them; kernels that merely overlap (a GPU launches the next before one ends) count
+    whole."""
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("name") == "thread_name"}
+    device = {pid for pid, name in processes.items() if "/device:" in name}
+    if device:
+        is_op = lambda e: e["pid"] in device
+    else:  # HLO instruction names (dot.3, loop_fusion.1), not the runtime's (Rendezvous, Wait: ..)
+        is_op = lambda e: (threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
+                           and re.fullmatch(r"[a-z][a-z0-9_.\-]*", e["name"]))
+    lanes = {}
+    for e in events:
+        if e.get("ph") == "X" and is_op(e):
+            lanes.setdefault((e["pid"], e["tid"]), []).append(e)
+    leaves = []
+    for lane in lanes.values():
+        lane.sort(key=lambda e: (e["ts"], -e["dur"]))
+        for e, after in zip(lane, lane[1:] + [None]):
+            if after is None or after["ts"] + after["dur"] > e["ts"] + e["dur"]:  # holds none
+                leaves.append((e["name"], e["dur"]))
+    return leaves
+
+
+def time_by_op(trace_gz: pathlib.Path, steps: int | None = None, top: int = 8) -> str:
+    """A Perfetto trace's op time per step, by kind and by op: where a step's time goes.
+    `steps`: how many steps the trace holds (default: its "train" step annotations)."""
+    with gzip.open(trace_gz) as f:
+        events = json.load(f)["traceEvents"]
+    steps = steps or sum(e.get("ph") == "X" and e.get("name") == "train" for e in events) or 1
+    leaves = op_events(events)
+    by_kind, by_name = collections.Counter(), collections.Counter()
+    for name, us in leaves:
+        by_kind[op_kind(name)] += us / 1e3 / steps
+        by_name[name] += us / 1e3 / steps
+    total = sum(by_kind.values()) or float("nan")
+    lines = [f"op time per step {total:.1f} ms ({len(leaves) / steps:,.0f} ops, {steps} steps):"]
+    lines += [f"  {ms:8.2f} ms {ms / total:6.1%}  {kind}" for kind, ms in by_kind.most_common()]
+    lines += ["top ops:"] + [f"  {ms:8.2f} ms  {name[:90]}" for name, ms in by_name.most_common(top)]
+    return "\n".join(lines)
+
+
+def newest_trace(folder: pathlib.Path) -> pathlib.Path | None:
+    """The last trace written under a profile folder (a resumed run adds one per start)."""
+    return max(folder.glob("plugins/profile/*/perfetto_trace.json.gz"), default=None,
+               key=lambda path: path.stat().st_mtime)
