@@ -16,12 +16,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_cpu_collective_timeout_seconds=300"
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=60").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Most tests, and the `headwise` processes they start, compile the same few tiny programs: one
-# persistent compilation cache (train/compile_cache.py), in a folder of this session's own,
-# compiles each once. The user's cache folder is left alone and nothing outlives the session.
+# The `headwise` processes tests start compile the same few tiny programs: one persistent
+# compilation cache (train/compile_cache.py), in a folder of this session's own, compiles each
+# once. The user's cache folder is left alone and nothing outlives the session. Not this
+# process's own compiles: across its 8 CPU devices, programs loaded from the cache sometimes
+# deadlock in their collectives (compile_cache.unsafe_here).
 if "HEADWISE_COMPILE_CACHE" not in os.environ:
     _folder = tempfile.mkdtemp(prefix="headwise-tests-jax-compile-")
     atexit.register(shutil.rmtree, _folder, ignore_errors=True)
     os.environ["HEADWISE_COMPILE_CACHE"] = _folder
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _folder  # this process's compiles too
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

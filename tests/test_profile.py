@@ -134,6 +134,20 @@ def test_no_compile_cache_flag_and_off(tmp_path, monkeypatch):
     assert compile_cache.cache_folder() == tmp_path / "home" / "jax-compile"
 
 
+def test_compile_cache_stays_off_across_cpu_devices(tmp_path, monkeypatch, capsys):
+    """This process has 8 CPU devices: programs across them, loaded from the cache, sometimes
+    deadlocked (test_restore_onto_another_mesh aborted in 2 of 8 runs with a warm cache, in
+    none of 13 with a cold one), so the cache is not turned on, and the run says why."""
+    import jax
+    from headwise.train import compile_cache
+    from headwise.train.cli import _use_compile_cache
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    _use_compile_cache(True)
+    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "cache").exists()
+    assert "compilation cache off: XLA:CPU programs across 8 CPU devices" in capsys.readouterr().out
+
+
 _FAULTS_PER_CALL = """
 import resource, sys
 from headwise.parallel.launch import keep_freed_memory

@@ -24,6 +24,17 @@ def cache_folder(enabled: bool = True) -> pathlib.Path | None:
     return pathlib.Path(value) if value else default_folder()
 
 
+def unsafe_here() -> str | None:
+    """Why the cache must stay off on these devices, or None. XLA:CPU programs whose devices
+    exchange data (several CPU devices: simulated, or processes over gloo), loaded from the
+    cache, sometimes deadlock: the devices enter their collectives in different orders, and
+    XLA aborts the process after its collective timeout (a fresh compile never did)."""
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        return (f"compilation cache off: XLA:CPU programs across {jax.device_count()} CPU "
+                f"devices, loaded from it, can deadlock in their collectives")
+    return None
+
+
 def enable(folder: pathlib.Path) -> None:
     """Cache every program compiled from now on in `folder`: also the quick ones (JAX's default
     skips programs that compile in under a second, which on a GPU is most of a small run)."""
