@@ -10,6 +10,7 @@ from headwise.model import ModelConfig, cross_entropy, forward, init_params, los
 from headwise.train.config import OptimConfig
 from headwise.train.optim import learning_rate, make_optimizer
 from headwise.train.step import init_state, train_step
+from compile_options import FAST
 
 STEPS, B, T, V = 200, 8, 32, 64
 CFG = ModelConfig(vocab_size=V, context_length=T, d_model=64, n_heads=4, d_head=16, n_layers=2,
@@ -118,12 +119,12 @@ def test_fused_16bit_loss_equals_logits_then_cross_entropy():
     mask = jax.random.bernoulli(jax.random.key(2), 0.6, (B, T))
     fused = lambda p: loss(p, tokens[:, :-1], tokens[:, 1:], cfg, mask)
     unfused = lambda p: cross_entropy(forward(p, tokens[:, :-1], cfg), tokens[:, 1:], mask)
-    (value, grads), (value_u, grads_u) = jax.value_and_grad(fused)(params), \
-        jax.value_and_grad(unfused)(params)
+    (value, grads), (value_u, grads_u) = jax.jit(jax.value_and_grad(fused), **FAST)(params), \
+        jax.jit(jax.value_and_grad(unfused), **FAST)(params)
     assert abs(float(value - value_u)) <= 4 * 2.0 ** -24 * float(value), (value, value_u)
     for g, g_u in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_u)):
         assert float(jnp.abs(g - g_u).max()) <= 4 * BF16_UNIT_ROUNDOFF * float(jnp.abs(g_u).max())
     hlo = jax.jit(fused).lower(params).as_text()
     assert "8x32x384xf32>" in hlo and "8x32x300xf32>" not in hlo  # logits only padded
-    unmasked = float(loss(params, tokens[:, :-1], tokens[:, 1:], cfg))
+    unmasked = float(jax.jit(lambda p: loss(p, tokens[:, :-1], tokens[:, 1:], cfg), **FAST)(params))
     assert abs(unmasked - float(value)) > 1e-4  # the mask changed which positions counted
