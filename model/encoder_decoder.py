@@ -8,7 +8,7 @@ from .cross_attention import source_keys_values
 from .decode import init_cache
 from .logical import constrain
 from .sampling import greedy
-from .loss import cross_entropy
+from .loss import masked_mean, target_nll
 from .transformer import _cast, check_ids, check_tokens, embed, norm, run_blocks, unembed
 
 
@@ -63,19 +63,26 @@ def encoded_source(params: dict, memory_BSD: jax.Array, source_mask_BS, cfg: Mod
     return {**kv, "mask": _mask(memory_BSD[..., 0], source_mask_BS)}
 
 
+def _decoded(params: dict, source_BS, tokens_BT, cfg: ModelConfig, source_mask_BS, inspect: bool):
+    """The decoder's last block's output [B, T, D], and what the encoder's and the decoder's
+    blocks saw."""
+    check_tokens(tokens_BT, cfg)
+    check_source(source_BS, cfg, source_mask_BS)
+    memory_BSD, encoder_seen = encode(params, source_BS, cfg, source_mask_BS, inspect=inspect)
+    source = encoded_source(params, memory_BSD, source_mask_BS, cfg)
+    x_BTD, _, seen = run_blocks(params, embed(params, tokens_BT, cfg), cfg, source=source,
+                                inspect=inspect)
+    return x_BTD, encoder_seen, seen
+
+
 def forward_encoder_decoder(params: dict, source_BS, tokens_BT, cfg: ModelConfig, *,
                             source_mask_BS=None, return_patterns: bool = False):
     """Logits [B, T, V] of the decoder over `tokens_BT` (each position sees the target tokens
     up to itself and the whole source). With `return_patterns`, also {"encoder": [B, Le, N, S,
     S], "self": [B, L, N, T, T], "cross": [B, L, N, T, S]}. `source_mask_BS` is False at a
     ragged source's padding."""
-    check_tokens(tokens_BT, cfg)
-    check_source(source_BS, cfg, source_mask_BS)
-    memory_BSD, encoder_seen = encode(params, source_BS, cfg, source_mask_BS,
-                                      inspect=return_patterns)
-    source = encoded_source(params, memory_BSD, source_mask_BS, cfg)
-    x_BTD, _, seen = run_blocks(params, embed(params, tokens_BT, cfg), cfg, source=source,
-                                inspect=return_patterns)
+    x_BTD, encoder_seen, seen = _decoded(params, source_BS, tokens_BT, cfg, source_mask_BS,
+                                         return_patterns)
     logits_BTV = constrain(unembed(params, x_BTD, cfg), ("batch", "seq", "vocab"))
     if not return_patterns:
         return logits_BTV
@@ -90,9 +97,8 @@ def encoder_decoder_loss(params: dict, source_BS, inputs_BT, targets_BT, cfg: Mo
     """Mean next-token cross-entropy of the targets given the source (nats), over the target
     positions where `target_mask_BT` is true (all, if None)."""
     check_tokens(targets_BT, cfg, "targets")
-    logits = forward_encoder_decoder(params, source_BS, inputs_BT, cfg,
-                                     source_mask_BS=source_mask_BS)
-    return cross_entropy(logits, targets_BT, target_mask_BT)
+    x_BTD, _, _ = _decoded(params, source_BS, inputs_BT, cfg, source_mask_BS, False)
+    return masked_mean(target_nll(params, x_BTD, targets_BT, cfg), target_mask_BT)
 
 
 def greedy_decode(params: dict, source_BS, cfg: ModelConfig, *, start_token: int,

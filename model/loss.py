@@ -11,10 +11,12 @@ from .transformer import _check_decoder_only, check_tokens, embed, norm, run_blo
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=None) -> jax.Array:
     """Mean negative log-likelihood of the targets (over positions where mask is true)."""
     logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return _mean(-jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0], mask_BT)
+    return masked_mean(-jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0],
+                       mask_BT)
 
 
-def _mean(nll_BT: jax.Array, mask_BT=None) -> jax.Array:
+def masked_mean(nll_BT: jax.Array, mask_BT=None) -> jax.Array:
+    """The mean over positions where mask is true (all, if None)."""
     if mask_BT is None:
         return nll_BT.mean()
     mask_BT = mask_BT.astype(jnp.float32)
@@ -80,4 +82,4 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, cfg: ModelConfig,
     _check_decoder_only(cfg)
     check_tokens(tokens, cfg)
     x_BTD, _, _ = run_blocks(params, embed(params, tokens, cfg), cfg)
-    return _mean(target_nll(params, x_BTD, targets, cfg), mask)
+    return masked_mean(target_nll(params, x_BTD, targets, cfg), mask)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from headwise.model import (ModelConfig, attention_head, encode,
+from headwise.model import (ModelConfig, attention_head, encode, encoder_decoder_loss,
                             forward_encoder_decoder, greedy_decode, heads_view, init_params)
 from headwise.model.cross_attention import cross_attention_layer, source_keys_values
 from test_reference import NP_ACTIVATIONS, np_norm, np_rope, np_softmax, random_params
@@ -197,6 +197,29 @@ def test_decoder_sees_no_future_target_encoder_sees_whole_source():
     encoded_row0 = lambda p: encode(p, source[:1], cfg, mask[:1])[0][0]
     _, source_seen = _position_gradients(cfg, params, encoded_row0, 0)
     assert np.all(source_seen[: LENGTHS[0]] > 1e-6) and np.all(source_seen[LENGTHS[0]:] == 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loss_is_the_masked_mean_of_the_targets_negative_log_likelihood(dtype):
+    """encoder_decoder_loss against NumPy's float64 cross-entropy of the model's own logits over
+    the unmasked target positions: within f32 rounding; in bf16 (the fused, padded loss), within
+    one bf16 rounding of the loss, since the logits are bf16 products summed in f32 both ways."""
+    cfg = tiny(dtype=dtype, vocab_size=61)  # 61 columns, padded to 128 in bf16
+    params, _ = random_params(cfg, seed=20)
+    source, mask = source_and_mask(cfg, seed=21)
+    tokens, target_mask = targets(cfg, seed=22), np.arange(T)[None, :] < np.array([[5], [T]])
+    inputs, wanted = tokens[:, :-1], tokens[:, 1:]
+    value = float(jax.jit(lambda p: encoder_decoder_loss(
+        p, source, inputs, wanted, cfg, source_mask_BS=mask,
+        target_mask_BT=target_mask[:, 1:]))(params))
+    logits = np.asarray(forward_encoder_decoder(params, source, inputs, cfg, source_mask_BS=mask),
+                        np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, wanted[..., None], -1)[..., 0]
+    expected = nll[target_mask[:, 1:]].mean()
+    assert abs(value - expected) <= (1e-5 if dtype == "float32" else 2.0 ** -8) * expected, \
+        (value, expected)
 
 
 def test_cached_greedy_decoding_equals_the_uncached_forward():
