@@ -44,7 +44,7 @@ def _padded(w_DV: jax.Array) -> jax.Array:
 def _target_nll_16bit_fwd(x_BTD, w_DV, targets_BT):
     raw_BTW = constrain(jnp.matmul(x_BTD, _padded(w_DV), preferred_element_type=jnp.float32),
                         ("batch", "seq", "vocab"))
-    real_W = jnp.arange(raw_BTW.shape[-1]) < w_DV.shape[1]  # the padding's columns are not
+    real_W = jnp.arange(raw_BTW.shape[-1]) < w_DV.shape[1]  # False on the padding
     top_BT = jnp.max(jnp.where(real_W, raw_BTW, -jnp.inf), axis=-1)
     lse_BT = top_BT + jnp.log(jnp.sum(jnp.where(real_W, jnp.exp(raw_BTW - top_BT[..., None]), 0),
                                       axis=-1))
