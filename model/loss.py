@@ -10,9 +10,12 @@ from .transformer import _check_decoder_only, check_tokens, embed, norm, run_blo
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT=None) -> jax.Array:
     """Mean negative log-likelihood of the targets (over positions where mask is true)."""
+    return masked_mean(_logits_nll(logits_BTV, targets_BT), mask_BT)
+
+
+def _logits_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return masked_mean(-jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0],
-                       mask_BT)
+    return -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
 
 
 def masked_mean(nll_BT: jax.Array, mask_BT=None) -> jax.Array:
@@ -68,8 +71,8 @@ def target_nll(params: dict, x_BTD: jax.Array, targets_BT: jax.Array, cfg: Model
     """-log p(target) at each position, [B, T], from the last block's output: `unembed` then
     the cross-entropy, fused for 16-bit compute (see `_target_nll_16bit`)."""
     if x_BTD.dtype == jnp.float32:
-        logp = jax.nn.log_softmax(constrain(unembed(params, x_BTD, cfg), ("batch", "seq", "vocab")))
-        return -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+        return _logits_nll(constrain(unembed(params, x_BTD, cfg), ("batch", "seq", "vocab")),
+                           targets_BT)
     w_DV = params["embed"]["token"].T if cfg.tie_embeddings else params["unembed"]
     x_BTD = norm(params["final_norm"], x_BTD, cfg)
     return _target_nll_16bit(x_BTD, w_DV.astype(x_BTD.dtype), targets_BT)

@@ -124,13 +124,13 @@ REMAT_POLICIES = {"full": None,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def rematerialized(step, cfg: ModelConfig):
-    """The scan's block step, with what its backward pass may keep chosen by `cfg.remat`.
-    Inside a scan, CSE cannot merge the recomputation with the forward pass, so it need not be
+def rematerialized(step, remat: str):
+    """The scan's block step, with what its backward pass may keep chosen by `remat`. Inside
+    a scan, CSE cannot merge the recomputation with the forward pass, so it need not be
     prevented (jax.checkpoint's documented advice)."""
-    if cfg.remat == "none":
+    if remat == "none":
         return step
-    return jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
 def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT=None,
@@ -156,7 +156,7 @@ def run_blocks(params: dict, x_BTD: jax.Array, cfg: ModelConfig, *, positions_BT
 
     if cache is not None:
         return _run_blocks_cached(step, params, x_BTD, cfg, cache, layer_sources)
-    x_BTD, (cache, seen) = jax.lax.scan(rematerialized(step, cfg), x_BTD,
+    x_BTD, (cache, seen) = jax.lax.scan(rematerialized(step, cfg.remat), x_BTD,
                                         (params["blocks"], cache, layer_sources),
                                         unroll=cfg.scan_unroll)
     return x_BTD, cache, seen
@@ -176,7 +176,7 @@ def _run_blocks_cached(step, params, x_BTD, cfg: ModelConfig, cache, layer_sourc
         return (x_BTD, {name: cache[name] for name in ("key", "value")}), seen
 
     (x_BTD, cache), seen = jax.lax.scan(
-        rematerialized(carried, cfg), (x_BTD, cache),
+        rematerialized(carried, cfg.remat), (x_BTD, cache),
         (params["blocks"], jnp.arange(cfg.n_layers), layer_sources), unroll=cfg.scan_unroll)
     return x_BTD, cache, seen
 

@@ -143,10 +143,12 @@ def _use_compile_cache(enabled: bool) -> None:
     """JAX's persistent compilation cache, before anything compiles (see compile_cache)."""
     from . import compile_cache
     folder = compile_cache.cache_folder(enabled)
-    if folder is not None and (why_not := compile_cache.unsafe_here()):
+    if folder is None:
+        return
+    if why_not := compile_cache.unsafe_here():
         print(why_not)
-    elif folder is not None:
-        compile_cache.enable(_writable_dir(folder, f"the compilation cache ({compile_cache.ENV})"))
+        return
+    compile_cache.enable(_writable_dir(folder, f"the compilation cache ({compile_cache.ENV})"))
 
 
 def _plan(args) -> None:
