@@ -3,9 +3,11 @@
 
     python benchmarks/attention_memory.py [--layers 1] [--batch 1] [--lengths 1024,...,16384]
         [--paths reference,fused,chunked,dot_product] [--set model.dtype=bfloat16 ...]
+    python benchmarks/attention_memory.py --paths chunked --vocab 50257 --set model.loss_chunk=512
 
 One GPT-2-small-wide block (12 heads of 64, width 768) over a byte vocabulary, so that the
-logits do not hide attention. On a GPU, 'dot_product' in bf16 is cuDNN's flash attention.
+logits do not hide attention (--vocab 50257: GPT-2's, where they do). On a GPU, 'dot_product'
+in bf16 is cuDNN's flash attention.
 """
 import argparse
 import dataclasses
@@ -28,7 +30,8 @@ def gradient_temp_bytes(cfg: ModelConfig, B: int, T: int) -> int:
 
 def model_config(args, path: str, T: int) -> ModelConfig:
     overrides = dict(item.removeprefix("model.").split("=", 1) for item in args.set)
-    cfg = ModelConfig.preset("gpt2-small", n_layers=args.layers, vocab_size=256,
+    overrides = {k: int(v) if v.isdigit() else v for k, v in overrides.items()}
+    cfg = ModelConfig.preset("gpt2-small", n_layers=args.layers, vocab_size=args.vocab,
                              context_length=T, attention=path)
     return dataclasses.replace(cfg, **overrides)
 
@@ -39,12 +42,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
     parser.add_argument("--paths", default="reference,fused,chunked,dot_product")
-    parser.add_argument("--set", nargs="*", default=[], help="model.FIELD=VALUE (strings only)")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--set", nargs="*", default=[], help="model.FIELD=VALUE")
     args = parser.parse_args()
     lengths = [int(t) for t in args.lengths.split(",")]
     print(describe())
-    print(f"gradient temp MiB, {args.layers} block(s) 768 wide, 12 heads of 64, batch "
-          f"{args.batch} {' '.join(args.set)}")
+    print(f"gradient temp MiB, {args.layers} block(s) 768 wide, 12 heads of 64, vocabulary "
+          f"{args.vocab}, batch {args.batch} {' '.join(args.set)}")
     print(f"{'path':<12}" + "".join(f"{f'T={t}':>11}" for t in lengths) + "   x per doubling")
     for path in args.paths.split(","):
         temps = [gradient_temp_bytes(model_config(args, path, T), args.batch, T) for T in lengths]

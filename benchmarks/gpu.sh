@@ -37,6 +37,11 @@ timeout 100 python3 benchmarks/gpu_train.py --config gpt2_small --batch 32 --ste
     --paths dot_product --remat dots,full --set model.scan_unroll=6 --json "$OUT/train.jsonl" 2>&1 |
     tee -a "$OUT/train.log" | tail -n 3
 
+section "GPT-2 small, bf16, the loss's logits 256 positions at a time (model.loss_chunk)"
+timeout 80 python3 benchmarks/gpu_train.py --config gpt2_small --batch 32 --steps 30 \
+    --paths dot_product --set model.loss_chunk=256 --json "$OUT/train.jsonl" 2>&1 |
+    tee -a "$OUT/train.log" | tail -n 2
+
 section "the PyTorch reference: transformers' GPT-2 small, bf16 autocast, SDPA, fused AdamW"
 timeout 110 python3 benchmarks/torch_gpt2.py --batch 32 --steps 30 --compile 2>&1 |
     grep -v "loss_type" | tee "$OUT/torch.log" | tail -n 3

@@ -1,10 +1,12 @@
-"""Rematerialization: compiled temporary memory of the train step and its time, per policy
-(model.remat = none | dots | full), the steps interleaved in one process.
+"""Memory against time: compiled temporary memory of the train step and its time, per setting
+(by default each rematerialization policy, model.remat = none | dots | full), the steps
+interleaved in one process; the first setting is the baseline.
 
     python benchmarks/remat.py [--layers 4] [--batch 2] [--context 512] [--rounds 3]
         [--attention dot_product] [--dtype float32] [--no-time]
+    python benchmarks/remat.py --vocab 50257 --variants loss_chunk=0,loss_chunk=256
 
-GPT-2-small-wide blocks (12 heads of 64, width 768) over a byte vocabulary, AdamW.
+GPT-2-small-wide blocks (12 heads of 64, width 768) over a byte vocabulary (or --vocab), AdamW.
 """
 import argparse
 import dataclasses
@@ -19,7 +21,7 @@ from headwise.train.optim import learning_rate, make_optimizer
 from headwise.train.step import init_state, make_train_step
 from machine import describe
 
-POLICIES = ("none", "dots", "full")
+POLICIES = "remat=none,remat=dots,remat=full"
 
 
 def compiled_step(cfg: ModelConfig, B: int):
@@ -51,19 +53,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attention", default="dot_product")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--variants", default=POLICIES, help="model FIELD=VALUE settings")
     parser.add_argument("--no-time", action="store_true", help="compile only: memory figures")
     args = parser.parse_args()
-    base = ModelConfig.preset("gpt2-small", n_layers=args.layers, vocab_size=256,
+    base = ModelConfig.preset("gpt2-small", n_layers=args.layers, vocab_size=args.vocab,
                               context_length=args.context, attention=args.attention,
                               dtype=args.dtype)
     print(describe())
-    print(f"{args.layers} blocks 768 wide, batch {args.batch} x {args.context}, "
-          f"{args.attention}, {args.dtype}")
+    print(f"{args.layers} blocks 768 wide, vocabulary {args.vocab}, batch {args.batch} x "
+          f"{args.context}, {args.attention}, {args.dtype}")
     runs = {}
-    for remat in POLICIES:
-        compiled, state, batch = compiled_step(dataclasses.replace(base, remat=remat), args.batch)
-        runs[remat] = [compiled, state, batch, []]
-        print(f"remat={remat:<5} train step temp "
+    for variant in args.variants.split(","):
+        field, value = variant.split("=")
+        cfg = dataclasses.replace(base, **{field: int(value) if value.isdigit() else value})
+        compiled, state, batch = compiled_step(cfg, args.batch)
+        runs[variant] = [compiled, state, batch, []]
+        print(f"{variant:<16} train step temp "
               f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:9,.0f} MiB", flush=True)
     if args.no_time:
         return
@@ -71,10 +77,11 @@ def main() -> None:
         for run in runs.values():
             seconds, run[1] = seconds_per_step(*run[:3])
             run[3].append(seconds)
-    none = statistics.median(runs["none"][3])
-    for remat, run in runs.items():
+    first = next(iter(runs))
+    baseline = statistics.median(runs[first][3])
+    for variant, run in runs.items():
         median = statistics.median(run[3])
-        print(f"remat={remat:<5} {median * 1e3:8.0f} ms/step  x{median / none:.2f} of none "
+        print(f"{variant:<16} {median * 1e3:8.0f} ms/step  x{median / baseline:.2f} of {first} "
               f"(rounds {', '.join(f'{s * 1e3:.0f}' for s in run[3])})")
 
 

@@ -36,6 +36,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     attention_chunk: int = 128  # key block size of the 'chunked' path
+    # Positions per step of the loss's unembedding and softmax; 0: all at once. n keeps [B, n, V]
+    # f32 logits at a time instead of [B, T, V] (GPT-2 small, batch 32: 6.6 GB), for one more
+    # unembedding matmul in the backward pass.
+    loss_chunk: int = 0
     # Blocks per scan iteration: 1 keeps the compiled program the same size at any depth;
     # n_layers unrolls the loop, which lets XLA fuse across blocks (faster on small models).
     scan_unroll: int = 1
@@ -66,7 +70,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
-        for name in ("n_encoder_layers", "source_length"):
+        for name in ("n_encoder_layers", "source_length", "loss_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")

@@ -1,5 +1,7 @@
 """The loss: next-token cross-entropy, from logits or (fused, in 16-bit compute) from the last
 block's output."""
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -67,9 +69,84 @@ def _target_nll_16bit_bwd(saved, g_BT):
 _target_nll_16bit.defvjp(_target_nll_16bit_fwd, _target_nll_16bit_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_target_nll(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, chunk: int):
+    """`_target_nll_16bit`'s numbers in any dtype, `chunk` positions at a time: the forward keeps
+    only each position's log-sum-exp, and the backward computes each chunk's logits again, so
+    the loss holds [B, chunk, V] f32 logits at once, not [B, T, V] (for one more matmul of the
+    unembedding's size). The weight's gradient is summed over chunks in f32."""
+    return _chunked_fwd(x_BTD, w_DV, targets_BT, chunk)[0]
+
+
+def _chunk_loop(x_BTD, targets_BT, chunk, body, init):
+    """`body(x_BCD, targets_BC, start, carry)` over the positions, `chunk` at a time (x and
+    targets padded with zeros to a whole number of chunks)."""
+    pad = -x_BTD.shape[1] % chunk
+    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+
+    def step(i, carry):
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)
+        return body(take(x_BTD), take(targets_BT), i * chunk, carry)
+
+    return jax.lax.fori_loop(0, x_BTD.shape[1] // chunk, step, init)
+
+
+def _chunk_logits(x_BCD, w_DW, n_real):
+    raw_BCW = constrain(jnp.matmul(x_BCD, w_DW, preferred_element_type=jnp.float32),
+                        ("batch", "seq", "vocab"))
+    return jnp.where(jnp.arange(raw_BCW.shape[-1]) < n_real, raw_BCW, -jnp.inf)
+
+
+def _chunked_fwd(x_BTD, w_DV, targets_BT, chunk):
+    w_DW, (B, T) = _padded(w_DV), targets_BT.shape
+
+    def body(x_BCD, targets_BC, start, nll_lse):
+        logits_BCW = _chunk_logits(x_BCD, w_DW, w_DV.shape[1])
+        lse_BC = jax.nn.logsumexp(logits_BCW, axis=-1)
+        nll_BC = lse_BC - jnp.take_along_axis(logits_BCW, targets_BC[..., None], axis=-1)[..., 0]
+        put = lambda a, c: jax.lax.dynamic_update_slice_in_dim(a, c, start, axis=1)
+        return put(nll_lse[0], nll_BC), put(nll_lse[1], lse_BC)
+
+    padded = jnp.zeros((B, T + -T % chunk), jnp.float32)
+    nll_BT, lse_BT = _chunk_loop(x_BTD, targets_BT, chunk, body, (padded, padded))
+    return nll_BT[:, :T], (x_BTD, w_DV, targets_BT, lse_BT)
+
+
+def _chunked_bwd(chunk, saved, g_BT):
+    x_BTD, w_DV, targets_BT, lse_BT = saved
+    w_DW, T = _padded(w_DV), x_BTD.shape[1]
+    g_BT = jnp.pad(g_BT, ((0, 0), (0, -T % chunk)))  # the padding's positions: no gradient
+
+    def body(x_BCD, targets_BC, start, grads):
+        dx_BTD, dw_DW = grads
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+        p_BCW = jnp.exp(_chunk_logits(x_BCD, w_DW, w_DV.shape[1]) - take(lse_BT)[..., None])
+        onehot_BCW = jnp.arange(w_DW.shape[1]) == targets_BC[..., None]
+        g_BCW = ((p_BCW - onehot_BCW) * take(g_BT)[..., None]).astype(x_BCD.dtype)
+        dx_BCD = jnp.einsum("BCW,DW->BCD", g_BCW, w_DW)
+        return (jax.lax.dynamic_update_slice_in_dim(dx_BTD, dx_BCD, start, axis=1),
+                dw_DW + jnp.einsum("BCD,BCW->DW", x_BCD, g_BCW,
+                                   preferred_element_type=jnp.float32))
+
+    B, D = x_BTD.shape[0], x_BTD.shape[2]
+    init = (jnp.zeros((B, T + -T % chunk, D), x_BTD.dtype),
+            jnp.zeros(w_DW.shape, jnp.float32))
+    dx_BTD, dw_DW = _chunk_loop(x_BTD, targets_BT, chunk, body, init)
+    return dx_BTD[:, :T], dw_DW[:, :w_DV.shape[1]].astype(w_DV.dtype), None
+
+
+_chunked_target_nll.defvjp(_chunked_fwd, _chunked_bwd)
+
+
 def target_nll(params: dict, x_BTD: jax.Array, targets_BT: jax.Array, cfg: ModelConfig):
     """-log p(target) at each position, [B, T], from the last block's output: `unembed` then
-    the cross-entropy, fused for 16-bit compute (see `_target_nll_16bit`)."""
+    the cross-entropy, fused for 16-bit compute (see `_target_nll_16bit`), and `cfg.loss_chunk`
+    positions at a time if that is set and shorter than the sequence (`_chunked_target_nll`)."""
+    if 0 < cfg.loss_chunk < x_BTD.shape[1]:
+        w_DV = params["embed"]["token"].T if cfg.tie_embeddings else params["unembed"]
+        x_BTD = norm(params["final_norm"], x_BTD, cfg)
+        return _chunked_target_nll(x_BTD, w_DV.astype(x_BTD.dtype), targets_BT, cfg.loss_chunk)
     if x_BTD.dtype == jnp.float32:
         return _logits_nll(constrain(unembed(params, x_BTD, cfg), ("batch", "seq", "vocab")),
                            targets_BT)

@@ -206,9 +206,13 @@ class Plan:
 
     @property
     def compute_s(self) -> float:
-        """The model's FLOPs (and remat's recomputation) at the device's peak."""
+        """The model's FLOPs (and remat's and the chunked loss's recomputation) at the device's
+        peak. The chunked loss computes the logits once more: 2·D·V FLOPs a token."""
         recompute = RECOMPUTE.get(getattr(self.model, "remat", "none"), 1.0)
-        return recompute * self.flops_per_step / self.devices / self.hardware.peak_flops
+        logits = (2 * self.model.d_model * self.model.vocab_size * self.batch * self.seq
+                  if 0 < self.model.loss_chunk < self.seq else 0)
+        return ((recompute * self.flops_per_step + logits) / self.devices
+                / self.hardware.peak_flops)
 
     @property
     def model_compute_s(self) -> float:
@@ -360,6 +364,11 @@ def check_fits(p: Plan) -> str | None:
     fixes = [f"--batch {fit * p.mesh[DATA] * p.mesh[FSDP]:,} ({fit} rows per device; "
              f"train.grad_accum keeps the global batch)" if fit else
              "fewer tokens per row (--context)"]
+    vocab = p.model.vocab_size // p.mesh[TENSOR]  # as the tensor axis splits it
+    logits_bytes = rows * p.seq * vocab * 4  # f32, kept whole for the backward
+    if not p.model.loss_chunk and p.seq > 512 and logits_bytes > p.activation_bytes / 4:
+        fixes.append(f"--set model.loss_chunk=512 (the loss's logits, {_size(logits_bytes)} "
+                     f"here, 512 positions at a time)")
     if getattr(p.model, "remat", "none") != "full":
         rolled = (f" model.scan_unroll={max(1, p.model.n_layers // 2)}"
                   if getattr(p.model, "scan_unroll", 1) >= p.model.n_layers > 1 else "")

@@ -44,6 +44,23 @@ def test_chunked_model_gradient_memory_is_linear_in_length():
     assert fused_8k > 2 * pattern_bytes > 2 * chunked[8192], (fused_8k / MiB, chunked[8192] / MiB)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_loss_keeps_no_whole_sequence_of_logits(dtype):
+    """GPT-2's vocabulary on a narrow block, where the loss's logits are most of the memory
+    (f32 [T, 50,304]: 786 MiB at T = 4096). With `loss_chunk = 256` the compiled gradient keeps
+    under a third of that at 4096, and from 2048 to 4096 it grows by under 15 % of a logits row
+    per position (what it does keep per position is the block's activations); unchunked it
+    keeps more than the whole sequence's logits."""
+    cfg = lambda T, chunk: ModelConfig(vocab_size=50257, context_length=T, d_model=128,
+                                       n_heads=2, d_head=64, n_layers=1, d_mlp=512,
+                                       attention="chunked", dtype=dtype, loss_chunk=chunk)
+    row = 50304 * 4  # one position's f32 logits, the vocabulary padded to a multiple of 128
+    chunked = {T: gradient_temp_bytes(cfg(T, 256), 1, T) for T in (2048, 4096)}
+    whole = gradient_temp_bytes(cfg(4096, 0), 1, 4096)
+    assert chunked[4096] < 4096 * row / 3 < whole / 3, (chunked[4096] / MiB, whole / MiB)
+    assert chunked[4096] - chunked[2048] < 0.15 * 2048 * row, {T: b / MiB for T, b in chunked.items()}
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 @pytest.mark.parametrize("path", ["dot_product", "chunked"])
 def test_remat_gives_the_same_loss_and_gradients(remat, path):

@@ -177,13 +177,15 @@ def test_grad_accum_matches_one_device():
     assert abs(got["step_loss"] - _reference()["step_loss"]) <= _gaps()[0]
 
 
-def test_bf16_loss_with_the_vocabulary_split_over_tensor():
+@pytest.mark.parametrize("loss_chunk", [0, 5])
+def test_bf16_loss_with_the_vocabulary_split_over_tensor(loss_chunk):
     """The 16-bit loss (unembedding and cross-entropy fused over a vocabulary padded from 300 to
-    384 columns, split 4 ways over `tensor`) gives one device's loss and gradients, within
-    the bound test_precision holds bf16 gradients to (8 bf16 roundings of the largest element:
-    the shards add bf16 products in other orders; seen 4 at most). A missed all-reduce or an
-    unmasked padding column moves them by orders of magnitude more."""
-    cfg = dataclasses.replace(CFG, vocab_size=300, dtype="bfloat16")
+    384 columns, split 4 ways over `tensor`; whole, or 5 positions at a time) gives one
+    device's loss and gradients, within the bound test_precision holds bf16 gradients to (8
+    bf16 roundings of the largest element: the shards add bf16 products in other orders; seen
+    4 at most). A missed all-reduce or an unmasked padding column moves them by orders of
+    magnitude more."""
+    cfg = dataclasses.replace(CFG, vocab_size=300, dtype="bfloat16", loss_chunk=loss_chunk)
     tokens = np.random.default_rng(0).integers(0, 300, (BATCH, cfg.context_length + 1), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     results = []

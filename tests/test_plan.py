@@ -184,6 +184,25 @@ def test_plan_that_does_not_fit_says_what_would():
     assert check_fits(plan_run(_run_cfg(), "h100", batch=1)) is None
 
 
+def test_plan_suggests_the_chunked_loss_where_logits_fill_memory():
+    """GPT-2 small in bf16 at 192 rows on one A100 does not fit, and over a third of its
+    activations are the loss's f32 logits (192 x 1,024 x 50,304 x 4 bytes = 39.6 GB). The fix
+    names `model.loss_chunk`; taken, the activations fall by at least those logits (JAX's own
+    inventory of what the backward keeps), the step fits, and its compute grows by the logits'
+    one more matmul, 2·D·V FLOPs a token."""
+    cfg = _run_cfg()
+    bf16 = lambda **kw: dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, dtype="bfloat16", **kw))
+    whole, chunked = (plan_run(bf16(loss_chunk=n), "a100", batch=192) for n in (0, 512))
+    logits = 192 * 1024 * 50304 * 4
+    assert f"--set model.loss_chunk=512 (the loss's logits, {logits / 1e9:.3g} GB here" in \
+        check_fits(whole)
+    assert whole.activation_bytes - chunked.activation_bytes >= logits
+    assert check_fits(chunked) is None
+    extra = 2 * 768 * 50304 * 192 * 1024 / chunked.hardware.peak_flops
+    assert chunked.compute_s == pytest.approx(whole.compute_s + extra, rel=1e-12)
+
+
 def test_gpt3_plan_carries_the_explanations_figures():
     """175B f32 parameters over fsdp 16 x tensor 8: a 128th of the matrices' 698 GB each, plus
     the position table, norms and width-sized biases, which are split over fsdp only (10 MB

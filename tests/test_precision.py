@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from headwise.model import ModelConfig, cross_entropy, forward, init_params, loss, param_axes
 from headwise.train.config import OptimConfig
@@ -128,3 +129,27 @@ def test_fused_16bit_loss_equals_logits_then_cross_entropy():
     assert "8x32x384xf32>" in hlo and "8x32x300xf32>" not in hlo  # logits only padded
     unmasked = float(jax.jit(lambda p: loss(p, tokens[:, :-1], tokens[:, 1:], cfg), **FAST)(params))
     assert abs(unmasked - float(value)) > 1e-4  # the mask changed which positions counted
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_the_whole_sequences(dtype, tie):
+    """`model.loss_chunk`: the logits 7 positions at a time (32 = 4 chunks of 7 and one of 4,
+    padded), the backward computing them again. The loss and every gradient equal the
+    unchunked loss's (f32: log_softmax of the logits under autodiff; 16-bit: the fused
+    function), with a mask, tied or untied."""
+    cfg = dataclasses.replace(CFG, vocab_size=300, dtype=dtype, tie_embeddings=tie)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
+    mask = jax.random.bernoulli(jax.random.key(2), 0.6, (B, T))
+    values = [jax.jit(jax.value_and_grad(
+        lambda p, c=c: loss(p, tokens[:, :-1], tokens[:, 1:], c, mask)), **FAST)(params)
+        for c in (cfg, dataclasses.replace(cfg, loss_chunk=7))]
+    (value, grads), (value_c, grads_c) = values
+    assert abs(float(value_c - value)) <= 4 * 2.0 ** -24 * float(value), (value, value_c)
+    # f32: sums in another order (8.7 units of roundoff seen); bf16: the weight's gradient summed
+    # over chunks in f32 and rounded once, where one matmul rounds it once (0 seen)
+    bound = 16 * 2.0 ** -24 if dtype == "float32" else BF16_UNIT_ROUNDOFF
+    for g, g_c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+        scale = float(jnp.abs(g).max())
+        assert float(jnp.abs(g_c - g).max()) <= bound * scale + 1e-9, scale

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from headwise.model import ModelConfig
 
 # Fields that choose only how the same function is computed; any other change is another model.
-RUNTIME_FIELDS = frozenset({"attention", "attention_chunk", "scan_unroll", "dtype", "remat"})
+RUNTIME_FIELDS = frozenset({"attention", "attention_chunk", "scan_unroll", "dtype", "remat",
+                            "loss_chunk"})
 
 
 def _flat_positions(x: jax.Array) -> jax.Array:
