@@ -199,12 +199,14 @@ def test_decoder_sees_no_future_target_encoder_sees_whole_source():
     assert np.all(source_seen[: LENGTHS[0]] > 1e-6) and np.all(source_seen[LENGTHS[0]:] == 0)
 
 
+@pytest.mark.parametrize("loss_chunk", [0, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_loss_is_the_masked_mean_of_the_targets_negative_log_likelihood(dtype):
+def test_loss_is_the_masked_mean_of_the_targets_negative_log_likelihood(dtype, loss_chunk):
     """encoder_decoder_loss against NumPy's float64 cross-entropy of the model's own logits over
-    the unmasked target positions: within f32 rounding; in bf16 (the fused, padded loss), within
-    one bf16 rounding of the loss, since the logits are bf16 products summed in f32 both ways."""
-    cfg = tiny(dtype=dtype, vocab_size=61)  # 61 columns, padded to 128 in bf16
+    the unmasked target positions, whole or 3 target positions at a time: within f32 rounding;
+    in bf16 (the fused, padded loss), within one bf16 rounding of the loss, since the logits
+    are bf16 products summed in f32 both ways."""
+    cfg = tiny(dtype=dtype, vocab_size=61, loss_chunk=loss_chunk)  # 61 columns, padded to 128
     params, _ = random_params(cfg, seed=20)
     source, mask = source_and_mask(cfg, seed=21)
     tokens, target_mask = targets(cfg, seed=22), np.arange(T)[None, :] < np.array([[5], [T]])
