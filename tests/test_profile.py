@@ -10,7 +10,7 @@ import pytest
 
 from headwise.train.config import load_config
 from headwise.train.loop import train
-from headwise.train.profile import parse_steps, time_by_op
+from headwise.train.profile import PROGRAM, hlo_kinds, op_events, parse_steps, time_by_op
 
 TINY = ["model.preset=tiny", "model.vocab_size=256", "model.context_length=32",
         "train.batch_size=8", "train.eval_steps=1", "train.sample_tokens=0"]
@@ -42,6 +42,9 @@ def test_profile_traces_the_steps_asked_for(corpus, tmp_path):
     # Where the time went: the steps' matmuls are found, and the ops (8 simulated devices'
     # threads sharing the cores) took less than 8 times the steps' wall time.
     summary = time_by_op(trace)
+    # The compiled step kept beside the trace is the traced program: it names every op.
+    kinds = hlo_kinds((tmp_path / "run" / "profile" / PROGRAM).read_text())
+    assert {name for name, _ in op_events(events)} <= kinds.keys()
     per_step = float(summary.split("op time per step ")[1].split(" ms")[0])
     wall_ms = sum(e["dur"] for e in steps) / 1e3 / len(steps)
     assert "2 steps" in summary and _per_kind(summary)["matmuls"] > 0, summary
@@ -89,6 +92,59 @@ def test_time_by_op_counts_each_op_once(tmp_path):
     summary = time_by_op(cpu)
     assert _per_kind(summary) == {"matmuls": 0.5, "other ops": 0.1}, summary
     assert summary.startswith("op time per step 0.6 ms (3 ops, 1 steps)"), summary
+
+
+# A compiled CPU program's text as Compiled.as_text() writes it (cut down): a YNNPACK matmul,
+# a transpose, a fusion that returns a tuple, and an elementwise loop.
+CPU_PROGRAM = """HloModule jit_traced, is_scheduled=true
+
+%fused_computation.1 (param_0: f32[64,32], param_1: f32[32,16]) -> f32[64,16] {
+  %param_0 = f32[64,32]{1,0} parameter(0)
+  %param_1 = f32[32,16]{1,0} parameter(1)
+  ROOT %dot.0 = f32[64,16]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_computation.2 (param_0.1: f32[64,16]) -> f32[16,64] {
+  %param_0.1 = f32[64,16]{1,0} parameter(0)
+  %bitcast.1 = f32[16,64]{0,1} bitcast(%param_0.1)
+  ROOT %copy.1 = f32[16,64]{1,0} copy(%bitcast.1)
+}
+
+%fused_computation.3 (param_0.2: f32[64,16]) -> (f32[64,16], f32[16]) {
+  %param_0.2 = f32[64,16]{1,0} parameter(0)
+  %multiply.1 = f32[64,16]{1,0} multiply(%param_0.2, %param_0.2)
+  %constant.1 = f32[] constant(0)
+  %reduce.1 = f32[16]{0} reduce(%multiply.1, %constant.1), dimensions={0}, to_apply=%add
+  ROOT %tuple.1 = (f32[64,16]{1,0}, f32[16]{0}) tuple(%multiply.1, %reduce.1)
+}
+
+ENTRY %main.1 (x: f32[64,32], w: f32[32,16]) -> (f32[16,64], f32[16]) {
+  %x = f32[64,32]{1,0} parameter(0)
+  %w = f32[32,16]{1,0} parameter(1)
+  %ynn_fusion = f32[64,16]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.1
+  %transpose_fusion = f32[16,64]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_computation.2
+  %multiply_reduce_fusion = (f32[64,16]{1,0}, f32[16]{0}) fusion(%ynn_fusion), kind=kLoop, calls=%fused_computation.3
+  %get-tuple-element.1 = f32[16]{0} get-tuple-element(%multiply_reduce_fusion), index=1
+  ROOT %tuple.2 = (f32[16,64]{1,0}, f32[16]{0}) tuple(%transpose_fusion, %get-tuple-element.1)
+}
+"""
+
+
+def test_the_compiled_program_says_what_each_cpu_op_is(tmp_path):
+    """On the CPU a matmul's op is `ynn_fusion`: by its name alone it is "other". With the
+    compiled program's text each op is what its instructions do (sums done by hand)."""
+    assert {k: v for k, v in hlo_kinds(CPU_PROGRAM).items() if k.endswith("fusion")} == {
+        "ynn_fusion": "matmuls", "transpose_fusion": "copies and transposes",
+        "multiply_reduce_fusion": "other ops"}
+    cpu = _trace_file(tmp_path / "cpu.json.gz", [
+        (2, 5, "ynn_fusion", 0, 600), (2, 5, "transpose_fusion", 600, 100),
+        (2, 5, "multiply_reduce_fusion", 700, 300), (2, 1, "train", 0, 1000)],
+        {2: "/host:CPU"}, {(2, 5): "tf_XLAEigen/1", (2, 1): "python3"})
+    assert _per_kind(time_by_op(cpu)) == {"other ops": 0.9, "copies and transposes": 0.1}
+    summary = time_by_op(cpu, hlo_text=CPU_PROGRAM)
+    assert _per_kind(summary) == {"matmuls": 0.6, "other ops": 0.3,
+                                  "copies and transposes": 0.1}, summary
+    assert "0.60 ms  ynn_fusion (matmuls)" in summary
 
 
 @pytest.mark.parametrize("text", ["5", "5:5", "a:b", "-1:3", "7:2"])

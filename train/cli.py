@@ -174,7 +174,7 @@ def _sweep(args) -> None:
 def _train(args) -> None:
     import jax
     from .loop import sample_text, train
-    from .profile import newest_trace, parse_steps, time_by_op
+    from .profile import PROGRAM, newest_trace, parse_steps, time_by_op
     if not args.run_dir and jax.process_count() > 1:
         raise ValueError("a multi-process run needs --run-dir: every process must write the "
                          "same checkpoints, on a file system they all see")
@@ -189,7 +189,8 @@ def _train(args) -> None:
         print(f"profile of steps {profile[0]}..{profile[1] - 1}: {run_dir / 'profile'} (open its "
               f"perfetto_trace.json.gz in ui.perfetto.dev, or the folder in TensorBoard)")
         if trace := newest_trace(run_dir / "profile"):
-            print(time_by_op(trace))
+            program = run_dir / "profile" / PROGRAM
+            print(time_by_op(trace, hlo_text=program.read_text() if program.exists() else None))
     minutes = (time.perf_counter() - started) / 60
     if jax.process_index():
         return

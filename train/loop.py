@@ -196,6 +196,8 @@ def run_steps(run: Run, state: dict, out: Outputs, stop_at: int | None) -> dict:
                 break
     bar.close()
     out.profiler.close()
+    if out.profiler.traced:  # compiled already: this only looks it up
+        out.profiler.keep_program(run.program.train_step.lower(state, batch).compile())
     return state
 
 
