@@ -194,8 +194,14 @@ def test_byte_tokenizer_round_trip_and_broken_utf8():
 def test_the_callers_vocab_size_is_kept_and_checked(tmp_path):
     path = write(tmp_path / "input.txt", TEXT)
     assert load_dataset(config(tmp_path, path=path), vocab_size=512).vocab_size == 512
-    with pytest.raises(ValueError, match="model.vocab_size"):
+    with pytest.raises(ValueError, match="model.vocab_size") as error:
         load_dataset(config(tmp_path, path=path), vocab_size=100)  # 'r' is byte 114
+    assert "data.path" not in str(error.value)
+    # A config made for a text (shakespeare_char: 65 ids) run without its data.path reads the
+    # standard library's sources: the message says so, not only that the vocabulary is short.
+    with pytest.raises(ValueError, match=r"at least \d+, or check data.tokenizer, or set "
+                                         r"data.path: unset, it is the Python standard"):
+        load_dataset(config(tmp_path), vocab_size=65)
 
 
 # ---------------------------------------------------------------- the token cache

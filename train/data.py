@@ -76,7 +76,9 @@ def _load_text(cfg: DataConfig, vocab_size: int | None) -> Dataset:
     tok = tokenizer_from_json(meta["tokenizer"])
     train, val = open_entry(cache, key, meta)
     vocab = vocab_size or tok.vocab_size
-    _check_max_id(meta["max_id"], vocab, "data.tokenizer")
+    _check_max_id(meta["max_id"], vocab, "data.tokenizer" if cfg.path else
+                  "data.tokenizer, or set data.path: unset, it is the Python standard library's "
+                  "sources")
     kind = cfg.tokenizer if cfg.tokenizer in ("byte", "char") else pathlib.Path(cfg.tokenizer).name
     line = _describe(source.name, f"{len(source.files)} files", train, val, f"{kind} vocab {tok.vocab_size}")
     return Dataset(train=train, val=val, tokenizer=tok, vocab_size=vocab,
