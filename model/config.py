@@ -80,6 +80,11 @@ class ModelConfig:
                 f"{self.scan_unroll} unrolls all {self.n_layers} blocks (XLA's compiled program "
                 f"then keeps what remat='none' keeps); set scan_unroll below n_layers (e.g. "
                 f"{self.n_layers // 2}) to rematerialize, or remat='none' for the unrolled speed")
+        if self.loss_chunk >= self.context_length:
+            raise ValueError(
+                f"ModelConfig.loss_chunk={self.loss_chunk} is not below context_length="
+                f"{self.context_length}: one chunk would hold every position's logits; set it "
+                f"below (e.g. {max(1, self.context_length // 4)}), or 0 for the whole sequence")
         if self.position == "rope" and self.d_head % 2:
             raise ValueError(f"ModelConfig.d_head must be even for position='rope', got {self.d_head}")
 

@@ -61,6 +61,14 @@ def test_chunked_loss_keeps_no_whole_sequence_of_logits(dtype):
     assert chunked[4096] - chunked[2048] < 0.15 * 2048 * row, {T: b / MiB for T, b in chunked.items()}
 
 
+def test_loss_chunk_is_checked():
+    with pytest.raises(ValueError, match=r"loss_chunk=128 is not below context_length=128: .* "
+                                         r"\(e.g. 32\), or 0"):
+        ModelConfig(loss_chunk=128)
+    with pytest.raises(ValueError, match=r"loss_chunk must be an integer >= 0, got -1"):
+        ModelConfig(loss_chunk=-1)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 @pytest.mark.parametrize("path", ["dot_product", "chunked"])
 def test_remat_gives_the_same_loss_and_gradients(remat, path):
