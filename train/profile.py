@@ -58,7 +58,7 @@ class StepProfiler:
     def keep_program(self, compiled) -> None:
         """The traced step's compiled program as text, beside the trace (PROGRAM): what each
         op named in the trace is."""
-        if self.traced and jax.process_index() == 0:
+        if jax.process_index() == 0:
             (self.folder / PROGRAM).write_text(compiled.as_text())
 
 
