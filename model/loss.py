@@ -78,18 +78,21 @@ def _chunked_target_nll(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array
     return _chunked_fwd(x_BTD, w_DV, targets_BT, chunk)[0]
 
 
-def _chunk_loop(x_BTD, targets_BT, chunk, body, init):
-    """`body(x_BCD, targets_BC, start, carry)` over the positions, `chunk` at a time (x and
-    targets padded with zeros to a whole number of chunks)."""
-    pad = -x_BTD.shape[1] % chunk
-    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+def _pad_positions(a, chunk):
+    """[B, T, ...] padded with zeros to a whole number of chunks of positions."""
+    return jnp.pad(a, ((0, 0), (0, -a.shape[1] % chunk)) + ((0, 0),) * (a.ndim - 2))
 
+
+def _chunk_loop(positions, chunk, body, init):
+    """`body(take, put, carry)` for each chunk of `chunk` positions (of `positions`, a whole
+    number of chunks): `take(a)` is padded [B, T, ...] array a's chunk, `put(a, c)` writes c
+    there."""
     def step(i, carry):
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)
-        return body(take(x_BTD), take(targets_BT), i * chunk, carry)
+        put = lambda a, c: jax.lax.dynamic_update_slice_in_dim(a, c, i * chunk, axis=1)
+        return body(take, put, carry)
 
-    return jax.lax.fori_loop(0, x_BTD.shape[1] // chunk, step, init)
+    return jax.lax.fori_loop(0, positions // chunk, step, init)
 
 
 def _chunk_logits(x_BCD, w_DW, n_real):
@@ -99,40 +102,37 @@ def _chunk_logits(x_BCD, w_DW, n_real):
 
 
 def _chunked_fwd(x_BTD, w_DV, targets_BT, chunk):
-    w_DW, (B, T) = _padded(w_DV), targets_BT.shape
+    w_DW, T = _padded(w_DV), x_BTD.shape[1]
+    x_BTD, targets_BT = _pad_positions(x_BTD, chunk), _pad_positions(targets_BT, chunk)
 
-    def body(x_BCD, targets_BC, start, nll_lse):
-        logits_BCW = _chunk_logits(x_BCD, w_DW, w_DV.shape[1])
+    def body(take, put, nll_lse):
+        logits_BCW = _chunk_logits(take(x_BTD), w_DW, w_DV.shape[1])
         lse_BC = jax.nn.logsumexp(logits_BCW, axis=-1)
-        nll_BC = lse_BC - jnp.take_along_axis(logits_BCW, targets_BC[..., None], axis=-1)[..., 0]
-        put = lambda a, c: jax.lax.dynamic_update_slice_in_dim(a, c, start, axis=1)
-        return put(nll_lse[0], nll_BC), put(nll_lse[1], lse_BC)
+        target_BC = jnp.take_along_axis(logits_BCW, take(targets_BT)[..., None], axis=-1)[..., 0]
+        return put(nll_lse[0], lse_BC - target_BC), put(nll_lse[1], lse_BC)
 
-    padded = jnp.zeros((B, T + -T % chunk), jnp.float32)
-    nll_BT, lse_BT = _chunk_loop(x_BTD, targets_BT, chunk, body, (padded, padded))
+    zeros = jnp.zeros(targets_BT.shape, jnp.float32)
+    nll_BT, lse_BT = _chunk_loop(x_BTD.shape[1], chunk, body, (zeros, zeros))
     return nll_BT[:, :T], (x_BTD, w_DV, targets_BT, lse_BT)
 
 
 def _chunked_bwd(chunk, saved, g_BT):
-    x_BTD, w_DV, targets_BT, lse_BT = saved
-    w_DW, T = _padded(w_DV), x_BTD.shape[1]
-    g_BT = jnp.pad(g_BT, ((0, 0), (0, -T % chunk)))  # the padding's positions: no gradient
+    x_BTD, w_DV, targets_BT, lse_BT = saved  # padded to whole chunks
+    w_DW, T = _padded(w_DV), g_BT.shape[1]
+    g_BT = _pad_positions(g_BT, chunk)  # the padding's positions: no gradient
 
-    def body(x_BCD, targets_BC, start, grads):
+    def body(take, put, grads):
         dx_BTD, dw_DW = grads
-        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1)
+        x_BCD = take(x_BTD)
         p_BCW = jnp.exp(_chunk_logits(x_BCD, w_DW, w_DV.shape[1]) - take(lse_BT)[..., None])
-        onehot_BCW = jnp.arange(w_DW.shape[1]) == targets_BC[..., None]
+        onehot_BCW = jnp.arange(w_DW.shape[1]) == take(targets_BT)[..., None]
         g_BCW = ((p_BCW - onehot_BCW) * take(g_BT)[..., None]).astype(x_BCD.dtype)
-        dx_BCD = jnp.einsum("BCW,DW->BCD", g_BCW, w_DW)
-        return (jax.lax.dynamic_update_slice_in_dim(dx_BTD, dx_BCD, start, axis=1),
+        return (put(dx_BTD, jnp.einsum("BCW,DW->BCD", g_BCW, w_DW)),
                 dw_DW + jnp.einsum("BCD,BCW->DW", x_BCD, g_BCW,
                                    preferred_element_type=jnp.float32))
 
-    B, D = x_BTD.shape[0], x_BTD.shape[2]
-    init = (jnp.zeros((B, T + -T % chunk, D), x_BTD.dtype),
-            jnp.zeros(w_DW.shape, jnp.float32))
-    dx_BTD, dw_DW = _chunk_loop(x_BTD, targets_BT, chunk, body, init)
+    init = (jnp.zeros_like(x_BTD), jnp.zeros(w_DW.shape, jnp.float32))
+    dx_BTD, dw_DW = _chunk_loop(x_BTD.shape[1], chunk, body, init)
     return dx_BTD[:, :T], dw_DW[:, :w_DV.shape[1]].astype(w_DV.dtype), None
 
 
