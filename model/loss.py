@@ -79,8 +79,10 @@ def _chunked_target_nll(x_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array
 
 
 def _pad_positions(a, chunk):
-    """[B, T, ...] padded with zeros to a whole number of chunks of positions."""
-    return jnp.pad(a, ((0, 0), (0, -a.shape[1] % chunk)) + ((0, 0),) * (a.ndim - 2))
+    """[B, T, ...] padded with zeros to a whole number of chunks of positions (itself if it is
+    one: not a copy for the backward to keep)."""
+    pad = -a.shape[1] % chunk
+    return jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) if pad else a
 
 
 def _chunk_loop(positions, chunk, body, init):
