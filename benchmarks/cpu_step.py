@@ -24,7 +24,8 @@ from headwise.model import ModelConfig, flops_per_token, init_params, loss, para
 from headwise.parallel.launch import keep_freed_memory
 from headwise.train.config import OptimConfig, RunConfig
 from headwise.train.optim import learning_rate, make_optimizer
-from headwise.train.step import compiler_options, init_state, make_train_step
+from headwise.model.compiler import compiler_options
+from headwise.train.step import init_state, make_train_step
 
 # nanoGPT's CPU run (configs/shakespeare_char.toml), its 6-layer, 384-wide GPU model at a
 # CPU-sized batch, and `headwise train`'s default model and batch.

@@ -16,8 +16,8 @@ from headwise.train.loop import train
 from headwise.train.optim import decay_mask, learning_rate, make_optimizer
 from headwise.train.layout import Layout, shard_state
 from headwise.train.state import abstract_state, state_initializer
-from headwise.train.step import (CPU_COMPILER_OPTIONS, compiler_options, init_state,
-                                 loss_and_grads, make_eval_step, make_train_step)
+from headwise.model.compiler import CPU_COMPILER_OPTIONS, compiler_options
+from headwise.train.step import init_state, loss_and_grads, make_eval_step, make_train_step
 from tolerances import U, adam_first_step_gap, f32_error, gradient_gap, loss_gap
 
 TINY = ["model.preset=tiny", "model.vocab_size=256", "model.context_length=32",
@@ -110,8 +110,9 @@ def test_grad_accumulation_equals_one_batch():
     rng = np.random.default_rng(1)
     batch = {k: jnp.asarray(rng.integers(0, cfg.vocab_size, (8, 16)), jnp.int32)
              for k in ("inputs", "targets")}
-    value1, grads1 = loss_and_grads(params, batch, cfg, 1)
-    value4, grads4 = loss_and_grads(params, batch, cfg, 4)
+    grads_of = jax.jit(loss_and_grads, static_argnums=(2, 3))  # eagerly: 20 s more
+    value1, grads1 = grads_of(params, batch, cfg, 1)
+    value4, grads4 = grads_of(params, batch, cfg, 4)
     # One batch or four micro-batches: the same sums in other orders, so within f32_gap of each
     # other (tests/tolerances.py). The loss: twice its logits' gap, plus its logsumexps and mean
     # (3.5e-4; 5e-7 seen); dropping one micro-batch moves it 6e-3. Each gradient element:

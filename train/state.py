@@ -5,9 +5,10 @@ import jax
 import optax
 
 from headwise.model import ModelConfig, init_params
+from headwise.model.compiler import compiler_options
 
 from . import checkpoint
-from .step import compiler_options, init_state
+from .step import init_state
 
 
 def _fresh_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array) -> dict:
