@@ -5,7 +5,7 @@
 # matmuls are library calls). GPT-2 small's forward+backward compiles in 0.73-0.85x the time
 # (2.2-2.8 s -> 1.8-2.1 s on a 2-core Xeon), the train steps run as fast (docs/benchmarks.md,
 # benchmarks/cpu_step.py --compile); jax.random's threefry over a 3- or 4-axis parameter
-# compiles in 0.25-0.3 s instead of 1-2 s. Other platforms compile as before.
+# compiles in 0.25-0.32 s instead of 1.1-1.9 s. Other platforms compile as before.
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

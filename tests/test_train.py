@@ -16,6 +16,7 @@ from headwise.train.loop import train
 from headwise.train.optim import decay_mask, learning_rate, make_optimizer
 from headwise.train.layout import Layout, shard_state
 from headwise.train.state import abstract_state, state_initializer
+from headwise.model import params as params_module
 from headwise.model.compiler import CPU_COMPILER_OPTIONS, compiler_options
 from headwise.train.step import init_state, loss_and_grads, make_eval_step, make_train_step
 from tolerances import U, adam_first_step_gap, f32_error, gradient_gap, loss_gap
@@ -140,9 +141,9 @@ def test_grad_accumulation_equals_one_batch():
 
 
 def test_steps_compile_with_the_cpu_options_on_the_cpu_only():
-    """The train and eval steps and the state's initializer reach XLA with train.step's CPU
-    options (the compiled program carries them: a serialized executable holds its compile
-    options), and only on the CPU."""
+    """The train and eval steps, the state's initializer and `init_params` called eagerly
+    reach XLA with the CPU options of model/compiler.py (the compiled program carries them: a
+    serialized executable holds its compile options), and only on the CPU."""
     cfg = ModelConfig.preset("tiny", context_length=8)
     optim = OptimConfig()
     opt = make_optimizer(optim, 10, param_axes(cfg))
@@ -162,6 +163,7 @@ def test_steps_compile_with_the_cpu_options_on_the_cpu_only():
     assert options_in(make_train_step(cfg, opt, schedule), state, batch) == wanted
     assert options_in(make_eval_step(cfg, shardings), state["params"], batch) == wanted
     assert options_in(state_initializer(cfg, opt, shardings.state), jax.random.key(0)) == wanted
+    assert options_in(params_module._init_program("cpu"), cfg, jax.random.key(0)) == wanted
     # Asked for other options (tests ask for faster compiles), a step gets those instead.
     assert not options_in(make_train_step(cfg, opt, schedule, compiler_options={}), state, batch)
     assert compiler_options("gpu") == compiler_options("tpu") == {}
