@@ -28,8 +28,8 @@ import machine
 import nanogpt_reference as ref
 from cpu_step import MODELS
 from headwise.model import init_params, loss
-from headwise.parallel.launch import keep_freed_memory
 from headwise.model.compiler import compiler_options
+from headwise.parallel.launch import keep_freed_memory
 
 EINSUM = {"NN": "bmk,bkn->bmn", "NT": "bmk,bnk->bmn", "TN": "bkm,bkn->bmn"}
 COPIES = 8  # of each matmul in XLA's program

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 
 import machine
 from headwise.model import ModelConfig, flops_per_token, init_params, loss, param_axes
+from headwise.model.compiler import compiler_options
 from headwise.parallel.launch import keep_freed_memory
 from headwise.train.config import OptimConfig, RunConfig
 from headwise.train.optim import learning_rate, make_optimizer
-from headwise.model.compiler import compiler_options
 from headwise.train.step import init_state, make_train_step
 
 # nanoGPT's CPU run (configs/shakespeare_char.toml), its 6-layer, 384-wide GPU model at a

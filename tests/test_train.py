@@ -10,14 +10,14 @@ import pytest
 
 from headwise import parallel
 from headwise.model import ModelConfig, forward, init_params, param_axes
+from headwise.model import params as params_module
+from headwise.model.compiler import CPU_COMPILER_OPTIONS, compiler_options
 from headwise.train import checkpoint
 from headwise.train.config import MeshConfig, OptimConfig, load_config
 from headwise.train.loop import train
 from headwise.train.optim import decay_mask, learning_rate, make_optimizer
 from headwise.train.layout import Layout, shard_state
 from headwise.train.state import abstract_state, state_initializer
-from headwise.model import params as params_module
-from headwise.model.compiler import CPU_COMPILER_OPTIONS, compiler_options
 from headwise.train.step import init_state, loss_and_grads, make_eval_step, make_train_step
 from tolerances import U, adam_first_step_gap, f32_error, gradient_gap, loss_gap
 
