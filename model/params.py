@@ -122,9 +122,10 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh parameters: every spec's initializer with its own key, in `param_dtype`. One
     compiled program (per config), on the CPU at -O1: called eagerly, each initializer was a
     program of its own at -O2, and the tiny preset's took 5-7 s to compile (now 1.3-2)."""
-    if isinstance(key, jax.core.Tracer):  # inside the caller's jit or eval_shape: theirs compiles
-        return _init_params(cfg, key)
-    return _init_program(jax.default_backend())(cfg, key)
+    try:
+        return _init_program(jax.default_backend())(cfg, key)
+    except ValueError:  # inside a caller's jit or eval_shape (JAX takes compiler options only
+        return _init_params(cfg, key)  # for a top-level program): traced into theirs
 
 
 @functools.cache

@@ -129,6 +129,18 @@ def test_forward_paths_match_the_explanation(path, position):
     np.testing.assert_allclose(forward(params, tokens, cfg), expected, atol=gap, rtol=0)
 
 
+def test_init_params_inside_a_callers_jit_with_a_key_of_its_own():
+    """Called eagerly, init_params is its own compiled program; inside a caller's jit or
+    eval_shape with a concrete key (closed over, not traced) it is traced into theirs. The
+    same numbers either way, to float32 rounding of the scaled normals (|w| < 0.1)."""
+    cfg, key = ModelConfig.preset("tiny"), jax.random.key(0)
+    eager = init_params(cfg, key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-8),
+                 jax.jit(lambda: init_params(cfg, key))(), eager)
+    shapes = jax.eval_shape(lambda: init_params(cfg, key))
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(jnp.shape, eager)
+
+
 def test_param_axes_match_params():
     cfg = ModelConfig.preset("tiny", bias=True, tie_embeddings=False)
     shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
