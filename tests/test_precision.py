@@ -113,7 +113,10 @@ def test_fused_16bit_loss_equals_logits_then_cross_entropy():
     over a vocabulary padded to a multiple of 128 (300 -> 384 here). It must equal the
     unfused path, `cross_entropy(forward(...))`, which the logits' users (sampling, eval of
     patterns) still take: the loss within f32 rounding, every gradient within bf16's, and a
-    position mask honoured. The padding's columns take no probability."""
+    position mask honoured. The padding's columns take no probability. A bias's gradient sums
+    B·T = 256 positions' bf16 terms: roundings of random sign add to about sqrt(256)·u = 16u of
+    its largest value (an AMD EPYC shows 4.1u between the paths and 9.4u from float32); dropping
+    the mask moves every gradient by at least 115u."""
     cfg = dataclasses.replace(CFG, vocab_size=300, dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (B, T + 1), 0, cfg.vocab_size)
@@ -124,7 +127,7 @@ def test_fused_16bit_loss_equals_logits_then_cross_entropy():
         jax.jit(jax.value_and_grad(unfused), **FAST)(params)
     assert abs(float(value - value_u)) <= 4 * 2.0 ** -24 * float(value), (value, value_u)
     for g, g_u in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_u)):
-        assert float(jnp.abs(g - g_u).max()) <= 4 * BF16_UNIT_ROUNDOFF * float(jnp.abs(g_u).max())
+        assert float(jnp.abs(g - g_u).max()) <= 16 * BF16_UNIT_ROUNDOFF * float(jnp.abs(g_u).max())
     hlo = jax.jit(fused).lower(params).as_text()
     assert "8x32x384xf32>" in hlo and "8x32x300xf32>" not in hlo  # logits only padded
     unmasked = float(jax.jit(lambda p: loss(p, tokens[:, :-1], tokens[:, 1:], cfg), **FAST)(params))
