@@ -1,12 +1,12 @@
 """Model functions: attention heads, blocks, forward pass, counts. No meshes, files or optimizers."""
 from .attention import (attention_head, attention_layer, attention_pattern, attention_scores,
-                        causal, causal_mask, heads_view, multi_head_attention, output_matrix,
-                        weigh_values)
+                        heads_view, multi_head_attention, output_matrix, weigh_values)
 from .config import PRESETS, ModelConfig
 from .count import count_params, flops_per_token
 from .encoder_decoder import (encode, encoder_decoder_loss, forward_encoder_decoder,
                               greedy_decode)
 from .loss import cross_entropy, loss
+from .masks import causal, causal_mask
 from .params import ParamSpec, init_params, param_axes, param_shapes, param_specs
 from .transformer import block, embed, forward, forward_embeddings, run_blocks, unembed
 

@@ -3,8 +3,9 @@ from an encoded source, projected once per source (training and every decoding s
 import jax
 import jax.numpy as jnp
 
-from .attention import Visible, attend, heads_to_residual
+from .attention import attend, heads_to_residual
 from .config import ModelConfig
+from .masks import Visible
 
 
 def _heads(x_BTD: jax.Array, layer: dict, names: tuple[str, ...]) -> jax.Array:

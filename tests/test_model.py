@@ -268,7 +268,8 @@ def test_gradients_of_every_path_match_reference(path):
 def test_chunked_backward_memory_is_linear_in_length():
     """The chunked path's gradient keeps no [T, S] pattern: doubling T doubles its temporary
     memory (XLA's own figure), which stays far below one pattern's size."""
-    from headwise.model.attention import Visible, attend_chunked
+    from headwise.model.chunked import attend_chunked
+    from headwise.model.masks import Visible
 
     def temp_bytes(attend, T):
         q = jax.ShapeDtypeStruct((1, T, 3, 8), jnp.float32)
