@@ -171,12 +171,17 @@ def test_cross_attention_is_the_explanations_head(attention):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=ATOL)
 
 
-def _position_gradients(cfg, params, fn, row: int):
-    """|d fn(params)[row] / d each position vector|, summed over features, for the decoder's
-    positions and the encoder's: which positions the output at `row` can see."""
-    grads = jax.grad(lambda p: fn(p)[row].sum())(params)
-    size = lambda g: np.abs(np.asarray(g)).sum(-1)
-    return size(grads["embed"]["position"]), size(grads["encoder"]["position"])
+def _position_gradients(fn):
+    """fn(params) -> [T, D] made into (params, row) -> |d fn(params)[row] / d each position
+    vector|, summed over features, for the decoder's positions and the encoder's: which
+    positions the output at `row` can see. One compiled program for every row."""
+    grad = jax.jit(jax.grad(lambda p, row: fn(p)[row].sum()))
+
+    def seen(params, row):
+        grads = grad(params, row)
+        size = lambda g: np.abs(np.asarray(g)).sum(-1)
+        return size(grads["embed"]["position"]), size(grads["encoder"]["position"])
+    return seen
 
 
 def test_decoder_sees_no_future_target_encoder_sees_whole_source():
@@ -186,8 +191,9 @@ def test_decoder_sees_no_future_target_encoder_sees_whole_source():
     tokens = targets(cfg, seed=12)
     forward_row0 = lambda p: forward_encoder_decoder(p, source[:1], tokens[:1], cfg,
                                                       source_mask_BS=mask[:1])[0]
+    seen_from_row0 = _position_gradients(forward_row0)
     for t in (0, 4, T - 1):
-        decoder_seen, source_seen = _position_gradients(cfg, params, forward_row0, t)
+        decoder_seen, source_seen = seen_from_row0(params, t)
         assert np.all(decoder_seen[: t + 1] > 1e-6), (t, decoder_seen)
         assert np.all(decoder_seen[t + 1:] == 0), (t, decoder_seen)  # the future: nothing
         n = LENGTHS[0]
@@ -195,7 +201,7 @@ def test_decoder_sees_no_future_target_encoder_sees_whole_source():
         assert np.all(source_seen[n:] == 0), (t, source_seen)  # padding: nothing
     # In the encoder, the first source token already depends on the last real one.
     encoded_row0 = lambda p: encode(p, source[:1], cfg, mask[:1])[0][0]
-    _, source_seen = _position_gradients(cfg, params, encoded_row0, 0)
+    _, source_seen = _position_gradients(encoded_row0)(params, 0)
     assert np.all(source_seen[: LENGTHS[0]] > 1e-6) and np.all(source_seen[LENGTHS[0]:] == 0)
 
 
