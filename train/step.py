@@ -67,9 +67,11 @@ def all_finite(tree) -> jax.Array:
 
 
 def keep_if_not(skip: jax.Array, new: dict, old: dict) -> dict:
-    """`old` where `skip`, else `new`, leaf by leaf: a select inside the program, so every
-    device and process takes the same branch from the same replicated flag."""
-    return jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+    """`old` if `skip`, else `new`: a branch inside the program, so every device and process
+    takes the same one from the same replicated flag. One branch, not a select per leaf: beside
+    the check of the new params, selects compiled the encoder-decoder's step in twice the time
+    (7.6 against 3.9 s), for the same run time, memory and values."""
+    return jax.lax.cond(skip, lambda: old, lambda: new)
 
 
 def train_step(state: dict, batch: dict, *, cfg: ModelConfig, optimizer, schedule,
