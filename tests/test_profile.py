@@ -230,7 +230,7 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     of the default model's gradient (110 MB), which glibc would map afresh at every call
     and page-fault in again (4 kB a fault), are reused. Page faults, not time: counted by the
     kernel, the same on a loaded machine. The median call: with the memory kept, the heap
-    still grows now and then (a whole 27k-fault call in 0 to 3 of 10 calls, more often on a
+    still grows now and then (a whole 27k-fault call in 0 to 3 of 10 calls seen, more often on a
     loaded machine, as the threads' allocations interleave differently), but most calls
     fault nothing in; without it every call faults all of it in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
