@@ -186,7 +186,7 @@ def test_decay_applies_only_where_masked():
     params = jax.tree.map(jnp.ones_like, init_params(cfg, jax.random.key(0)))
     optim = OptimConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=0.0)
     opt = make_optimizer(optim, 10, param_axes(cfg))
-    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     mask = decay_mask(param_axes(cfg))
     # Decayed: lr (the schedule's few float32 roundings of 0.1) times wd and param (exact
     # halving and 1): within 8u relative of -0.05. Elsewhere Adam's 0 / (0 + eps): exactly 0.
